@@ -1,0 +1,53 @@
+"""Shared fixtures: the repository root, the real data folder and a notebook runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from tools.run_notebooks import execute_notebook  # noqa: E402
+
+
+def real_data_dir() -> Path | None:
+    """Return the folder with the real data sets, from REAL_DATA_DIR or ../shared/data, if it exists."""
+    candidate = os.environ.get("REAL_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "data")
+    path = Path(candidate)
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real data folder; tests that need it are skipped where it is absent."""
+    path = real_data_dir()
+    if path is None:
+        pytest.skip("real data not found: set REAL_DATA_DIR to a folder with ptb/ and mnist/")
+    return path
+
+
+@pytest.fixture
+def run_notebook(tmp_path):
+    """Execute a notebook of the repository with settings as environment variables.
+
+    Outputs go below tmp_path (report/, checkpoints/), never into the repository.
+    Returns the report folder.
+    """
+    def run(name: str, **settings) -> Path:
+        report_dir = tmp_path / "report"
+        env = {"REPORT_DIR": str(report_dir), "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
+        env.update({key: str(value) for key, value in settings.items()})
+        output = report_dir / "executed" / name
+        execute_notebook(REPO_ROOT / name, output, env=env, log=lambda *a, **k: None)
+        return report_dir
+
+    return run

@@ -1,0 +1,469 @@
+"""Tests of part1_lstm.ipynb: the cell's math, attention, evaluation, data and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tools.nbdefs import load_definitions
+
+NOTEBOOK = "part1_lstm.ipynb"
+
+
+@pytest.fixture(scope="module")
+def part1(repo_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("part1_defs")
+    return load_definitions(repo_root / NOTEBOOK, env={
+        "PROFILE": "smoke", "DATA_DIR": str(folder / "data"), "REPORT_DIR": str(folder / "report"),
+        "CHECKPOINT_DIR": str(folder / "checkpoints")})
+
+
+def copy_weights_into(cell, reference):
+    with torch.no_grad():
+        cell.x2h.weight.copy_(reference.weight_ih)
+        cell.x2h.bias.copy_(reference.bias_ih)
+        cell.h2h.weight.copy_(reference.weight_hh)
+        cell.h2h.bias.copy_(reference.bias_hh)
+
+
+def tiny_model(part1, name, vocab_size=13, embed=6, hidden=8, dropout=0.0, fused=True, seed=0):
+    torch.manual_seed(seed)
+    model = part1.MODEL_CLASSES[name](vocab_size, embed, hidden, dropout).double()
+    if hasattr(model, "fused"):
+        model.fused = fused
+    return model
+
+
+# ---------------------------------------------------------------- the cell
+
+
+def test_definitions_load_without_side_effects(part1, tmp_path):
+    assert part1.PROFILE == "smoke"
+    for name in ("MyLSTMCell", "MyLSTM", "MyLSTM_att", "TorchLSTM", "evaluate", "Vocabulary"):
+        assert hasattr(part1, name), name
+    report = part1.FIGURE_DIR.parent
+    assert not report.exists(), "loading the definitions must not write the report folder"
+
+
+def test_cell_matches_torch_lstmcell_over_steps(part1):
+    torch.manual_seed(1)
+    reference = nn.LSTMCell(5, 7).double()
+    cell = part1.MyLSTMCell(5, 7).double()
+    copy_weights_into(cell, reference)
+    inputs = torch.randn(6, 3, 5, dtype=torch.double, requires_grad=True)   # (T, B, I)
+    h0 = torch.randn(3, 7, dtype=torch.double)
+    c0 = torch.randn(3, 7, dtype=torch.double)
+
+    def run(step):
+        h, c, loss = h0, c0, 0.0
+        for t in range(inputs.shape[0]):
+            h, c = step(inputs[t], (h, c))
+            loss = loss + (h * (t + 1)).sum() + (c ** 2).sum()
+        return h, c, loss
+
+    h_ref, c_ref, loss_ref = run(reference)
+    grads_ref = torch.autograd.grad(loss_ref, [inputs, reference.weight_ih, reference.weight_hh,
+                                               reference.bias_ih, reference.bias_hh])
+    h, c, loss = run(cell)
+    grads = torch.autograd.grad(loss, [inputs, cell.x2h.weight, cell.h2h.weight, cell.x2h.bias, cell.h2h.bias])
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c, c_ref, rtol=0, atol=1e-12)
+    for name, grad, grad_ref in zip(["input", "x2h.weight", "h2h.weight", "x2h.bias", "h2h.bias"], grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_cell_closed_form_with_zero_weights(part1):
+    cell = part1.MyLSTMCell(3, 2).double()
+    bias = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 0.7, 1.5, -2.0], dtype=torch.double)   # i, f, g, o
+    with torch.no_grad():
+        cell.x2h.weight.zero_()
+        cell.h2h.weight.zero_()
+        cell.x2h.bias.copy_(bias)
+        cell.h2h.bias.copy_(bias / 2)
+    x = torch.randn(4, 3, dtype=torch.double)
+    h_in = torch.randn(4, 2, dtype=torch.double)
+    c_in = torch.tensor([[1.0, -2.0]], dtype=torch.double).expand(4, 2)
+    h_out, c_out = cell(x, (h_in, c_in))
+
+    pre = 1.5 * bias
+    i, f, g, o = torch.sigmoid(pre[0:2]), torch.sigmoid(pre[2:4]), torch.tanh(pre[4:6]), torch.sigmoid(pre[6:8])
+    expected_c = f * c_in + i * g
+    expected_h = o * torch.tanh(expected_c)
+    torch.testing.assert_close(c_out, expected_c, rtol=0, atol=1e-15)
+    torch.testing.assert_close(h_out, expected_h, rtol=0, atol=1e-15)
+
+
+def test_reset_parameters_uniform_bound(part1):
+    cell = part1.MyLSTMCell(30, 25)
+    bound = 1 / math.sqrt(25)
+    for name, parameter in cell.named_parameters():
+        assert parameter.abs().max() <= bound, name
+        assert parameter.min() < -0.8 * bound, f"{name} does not fill the interval"
+        assert parameter.max() > 0.8 * bound, f"{name} does not fill the interval"
+    assert cell.x2h.weight.shape == (100, 30)
+    assert cell.h2h.weight.shape == (100, 25)
+
+
+@pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att"])
+def test_fused_path_matches_plain_loop(part1, name):
+    fused = tiny_model(part1, name, fused=True)
+    plain = tiny_model(part1, name, fused=False)
+    x = torch.randint(13, (4, 9))
+    weights = torch.randn(4, 9, 13, dtype=torch.double)
+    results = []
+    for model in (fused, plain):
+        logits = model.forward_all(x)
+        loss = (logits * weights).sum() + model(x).pow(2).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((logits, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    for (param_name, _), grad_fused, grad_plain in zip(fused.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(grad_fused, grad_plain, rtol=0, atol=1e-11, msg=f"gradient of {param_name}")
+
+
+def test_lstm_recurrence_gradcheck(part1):
+    torch.manual_seed(2)
+    steps, batch, hidden = 4, 3, 2
+    args = [torch.randn(steps, batch, 4 * hidden, dtype=torch.double, requires_grad=True),
+            torch.randn(batch, hidden, dtype=torch.double, requires_grad=True),
+            torch.randn(batch, hidden, dtype=torch.double, requires_grad=True),
+            torch.randn(4 * hidden, hidden, dtype=torch.double, requires_grad=True),
+            torch.randn(4 * hidden, dtype=torch.double, requires_grad=True)]
+    assert torch.autograd.gradcheck(part1.LSTMRecurrence.apply, args)
+
+
+# ---------------------------------------------------------------- attention and the training path
+
+
+def test_attention_weights_are_a_distribution(part1):
+    model = tiny_model(part1, "MyLSTM_att").eval()
+    x = torch.randint(13, (5, 8))                  # batch size differs from window length
+    logits, weights = model(x, return_attention=True)
+    assert logits.shape == (5, 13)
+    assert weights.shape == (5, 7)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(5, dtype=torch.double), rtol=0, atol=1e-12)
+
+
+def test_attention_context_is_weighted_sum(part1):
+    model = tiny_model(part1, "MyLSTM_att").eval()
+    x = torch.randint(13, (3, 6))
+    logits, weights = model(x, return_attention=True)
+    hs = model.hidden_states(x)
+    scores = torch.einsum("bh,bjh->bj", hs[:, -1], hs[:, :-1])
+    expected_weights = torch.softmax(scores, dim=1)
+    context = (expected_weights.unsqueeze(2) * hs[:, :-1]).sum(dim=1)
+    expected_logits = model.out(torch.cat([hs[:, -1], context], dim=1))
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-12)
+
+
+def test_attention_sequences_independent_in_batch(part1):
+    model = tiny_model(part1, "MyLSTM_att").eval()
+    x = torch.randint(13, (4, 7))
+    changed = x.clone()
+    changed[1:] = torch.randint(13, (3, 7))
+    torch.testing.assert_close(model(x)[0], model(changed)[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.forward_all(x)[0], model.forward_all(changed)[0], rtol=0, atol=0)
+
+
+def test_attention_window_of_one_word(part1):
+    model = tiny_model(part1, "MyLSTM_att").eval()
+    logits, weights = model(torch.tensor([[3], [4]]), return_attention=True)
+    assert weights.shape == (2, 0)
+    assert torch.isfinite(logits).all()
+    hs = model.hidden_states(torch.tensor([[3], [4]]))
+    expected = model.out(torch.cat([hs[:, -1], torch.zeros_like(hs[:, -1])], dim=1))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att", "TorchLSTM"])
+def test_every_prefix_equals_forward(part1, name):
+    model = tiny_model(part1, name, dropout=0.5).eval()
+    x = torch.randint(13, (3, 10))
+    all_logits = model.forward_all(x)
+    assert all_logits.shape == (3, 10, 13)
+    for t in range(10):
+        torch.testing.assert_close(all_logits[:, t], model(x[:, :t + 1]), rtol=0, atol=1e-12,
+                                   msg=f"{name}: prefix of length {t + 1}")
+
+
+def test_attention_matrix_rows_equal_forward_weights(part1):
+    model = tiny_model(part1, "MyLSTM_att").eval()
+    x = torch.randint(13, (2, 7))
+    _, matrix = model.forward_all(x, return_attention=True)
+    assert matrix.shape == (2, 7, 7)
+    assert torch.all(matrix.triu() == 0), "a query attends only to earlier positions"
+    for t in range(1, 7):
+        _, weights = model(x[:, :t + 1], return_attention=True)
+        torch.testing.assert_close(matrix[:, t, :t], weights, rtol=0, atol=1e-12)
+    torch.testing.assert_close(matrix[:, 1:].sum(dim=2), torch.ones(2, 6, dtype=torch.double), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_zero_output_layer_scores_vocabulary_size(part1):
+    model = tiny_model(part1, "MyLSTM", vocab_size=50).float()
+    with torch.no_grad():
+        model.out.weight.zero_()
+        model.out.bias.zero_()
+    ids = torch.randint(50, (1000,))
+    result = part1.evaluate(model, ids, window=7, batch_size=16)
+    assert result["perplexity"] == pytest.approx(50.0, rel=1e-6)
+    assert result["tokens"] == 999
+
+
+def test_evaluation_windows_cover_each_token_once(part1):
+    ids = torch.arange(103)
+    targets = torch.cat([t.flatten() for _, t in part1.evaluation_windows(ids, window=10, batch_size=4)])
+    assert torch.equal(targets, ids[1:])
+    for inputs, batch_targets in part1.evaluation_windows(ids, window=10, batch_size=4):
+        assert torch.equal(batch_targets, inputs + 1), "each target is the next id of the stream"
+
+
+def test_perplexity_weights_tokens_not_batches(part1):
+    model = tiny_model(part1, "MyLSTM", vocab_size=20).float().eval()
+    ids = torch.randint(20, (95,))         # 94 predictions: 9 windows of 10, a last window of 4
+    result = part1.evaluate(model, ids, window=10, batch_size=4)
+    per_token, batch_means = [], []
+    with torch.no_grad():
+        for inputs, targets in part1.evaluation_windows(ids, 10, 4):
+            losses = nn.functional.cross_entropy(model.forward_all(inputs).flatten(0, 1), targets.flatten(),
+                                                 reduction="none")
+            per_token.append(losses)
+            batch_means.append(losses.mean().item())
+    token_mean = torch.cat(per_token).mean().item()
+    assert result["tokens"] == 94
+    assert result["cross_entropy"] == pytest.approx(token_mean, rel=1e-6)
+    assert abs(np.mean(batch_means) - token_mean) > 1e-4, "the test data must tell the two averages apart"
+
+
+def test_evaluate_restores_training_mode(part1):
+    model = tiny_model(part1, "MyLSTM_att", vocab_size=20, dropout=0.5).float()
+    model.train()
+    part1.evaluate(model, torch.randint(20, (60,)), window=8, batch_size=4)
+    assert model.training
+    model.eval()
+    part1.evaluate(model, torch.randint(20, (60,)), window=8, batch_size=4)
+    assert not model.training
+
+
+def test_evaluate_ignores_dropout(part1):
+    model = tiny_model(part1, "MyLSTM", vocab_size=20, dropout=0.9).float().train()
+    ids = torch.randint(20, (80,))
+    first = part1.evaluate(model, ids, window=8, batch_size=4)
+    second = part1.evaluate(model, ids, window=8, batch_size=4)
+    assert first == second
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_vocabulary_unknown_words_and_round_trip(part1):
+    train_line = "the cat sat on the <unk> mat"
+    vocab = part1.Vocabulary(train_line.split() + ["<eos>"])
+    assert vocab.itos.count("<unk>") == 1
+    assert vocab.decode(vocab.encode(train_line.split())) == train_line.split()
+    assert vocab.encode(["zebra"]).tolist() == [vocab.unk_id]
+    assert vocab.itos[0] == "the", "most frequent word first"
+
+
+def test_vocabulary_adds_unknown_token_when_absent(part1):
+    vocab = part1.Vocabulary("a b b c".split())
+    assert vocab.itos.count("<unk>") == 1
+    assert vocab.encode(["never-seen"]).tolist() == [vocab.unk_id]
+    assert len(vocab) == 4
+
+
+def test_read_words_appends_eos(part1, tmp_path):
+    path = tmp_path / "ptb.train.txt"
+    path.write_text(" a b \n c\n")
+    assert part1.read_words(path) == ["a", "b", "<eos>", "c", "<eos>"]
+
+
+def test_window_batcher_shifts_and_partial_batch(part1):
+    ids = torch.arange(200)
+    batcher = part1.WindowBatcher(ids, window=7, batch_size=6, seed=3)
+    assert batcher.windows_per_epoch == (200 - 1 - 7) // 7
+    sizes = [batcher.batch(step)[0].shape[0] for step in range(batcher.batches_per_epoch)]
+    assert sizes[:-1] == [6] * (len(sizes) - 1)
+    assert sizes[-1] == batcher.windows_per_epoch - 6 * (len(sizes) - 1)
+    assert sizes[-1] < 6, "27 windows in batches of 6 leave a partial last batch"
+    inputs, targets = batcher.batch(5)
+    assert torch.equal(targets, inputs + 1)
+    assert torch.equal(batcher.batch(5)[0], inputs), "a step's batch is deterministic"
+
+
+def test_missing_files_offline_error_names_files(part1, tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "ptb", download=False)
+    message = str(error.value)
+    for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt", "DATA_DIR"):
+        assert name in message
+
+
+def test_real_ptb_token_counts(part1, real_data):
+    paths, checksums_match = part1.ensure_ptb(real_data / "ptb", download=False)
+    assert all(checksums_match.values())
+    counts = {split: len(part1.read_words(path)) for split, path in paths.items()}
+    assert counts == {"train": 929_589, "valid": 73_760, "test": 82_430}
+    vocab = part1.Vocabulary(part1.read_words(paths["train"]))
+    assert len(vocab) == 10_000
+    assert vocab.encode(part1.read_words(paths["test"])).eq(vocab.unk_id).sum() > 0
+
+
+# ---------------------------------------------------------------- settings and training
+
+
+def test_environment_overrides_settings(repo_root, tmp_path):
+    module = load_definitions(repo_root / NOTEBOOK, module_name="part1_env",
+                              env={"PROFILE": "smoke", "HIDDEN_SIZE": "48", "FORCE_RETRAIN": "yes",
+                                   "VALID_TOKENS_DURING_TRAINING": "123", "REPORT_DIR": str(tmp_path)})
+    assert module.HIDDEN_SIZE == 48
+    assert module.FORCE_RETRAIN is True
+    assert module.VALID_TOKENS_DURING_TRAINING == 123
+    assert module.EMBED_SIZE == module.PROFILE_SETTINGS["smoke"]["EMBED_SIZE"]
+
+
+@pytest.mark.parametrize("name, value", [("HIDDEN_SIZE", "abc"), ("FORCE_RETRAIN", "maybe"), ("PROFILE", "huge")])
+def test_invalid_setting_names_value(repo_root, tmp_path, name, value):
+    env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path), name: value}
+    with pytest.raises(ValueError) as error:
+        load_definitions(repo_root / NOTEBOOK, module_name="part1_bad", env=env)
+    assert name in str(error.value)
+    assert value in str(error.value)
+
+
+def train_settings(part1, **changes):
+    settings = dict(part1.SETTINGS)
+    settings.update(TRAIN_STEPS=6, EVAL_EVERY=2, VALID_TOKENS_DURING_TRAINING=None, WINDOW=5, BATCH_SIZE=3,
+                    EVAL_BATCH_SIZE=4, EMBED_SIZE=4, HIDDEN_SIZE=6, FORCE_RETRAIN=False)
+    settings.update(changes)
+    return settings
+
+
+def run_training(part1, checkpoint, settings, stop_after=None, name="MyLSTM_att", seed=0):
+    torch.manual_seed(seed)
+    model = part1.MODEL_CLASSES[name](17, settings["EMBED_SIZE"], settings["HIDDEN_SIZE"], 0.3)
+    generator = torch.Generator().manual_seed(5)
+    train_ids, valid_ids = torch.randint(17, (300,), generator=generator), torch.randint(17, (40,), generator=generator)
+    batcher = part1.WindowBatcher(train_ids, settings["WINDOW"], settings["BATCH_SIZE"], settings["SEED"])
+    history, _ = part1.train_model(name, model, batcher, valid_ids, settings, checkpoint, stop_after=stop_after,
+                                   log=lambda *args: None)
+    return model, history
+
+
+def test_resumed_training_equals_uninterrupted(part1, tmp_path):
+    settings = train_settings(part1)
+    straight, straight_history = run_training(part1, tmp_path / "straight.pt", settings)
+    run_training(part1, tmp_path / "resumed.pt", settings, stop_after=4)
+    resumed, resumed_history = run_training(part1, tmp_path / "resumed.pt", settings, seed=99)
+    assert [row["valid_perplexity"] for row in resumed_history] == [row["valid_perplexity"] for row in straight_history]
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_same_seed_gives_identical_training(part1, tmp_path):
+    settings = train_settings(part1)
+    _, first = run_training(part1, tmp_path / "a.pt", settings)
+    _, second = run_training(part1, tmp_path / "b.pt", settings)
+    assert [row["valid_perplexity"] for row in first] == [row["valid_perplexity"] for row in second]
+    assert [row["train_loss"] for row in first] == [row["train_loss"] for row in second]
+
+
+def test_finished_checkpoint_is_loaded_not_retrained(part1, tmp_path):
+    settings = train_settings(part1)
+    trained, _ = run_training(part1, tmp_path / "model.pt", settings)
+    saved = (tmp_path / "model.pt").stat().st_mtime_ns
+    loaded, _ = run_training(part1, tmp_path / "model.pt", settings, seed=7)
+    assert (tmp_path / "model.pt").stat().st_mtime_ns == saved
+    for a, b in zip(trained.parameters(), loaded.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_with_other_settings_is_rejected(part1, tmp_path):
+    run_training(part1, tmp_path / "model.pt", train_settings(part1))
+    with pytest.raises(ValueError, match="HIDDEN_SIZE"):
+        run_training(part1, tmp_path / "model.pt", train_settings(part1, HIDDEN_SIZE=7))
+    assert (tmp_path / "model.pt").exists(), "the old checkpoint is kept"
+    run_training(part1, tmp_path / "model.pt", train_settings(part1, HIDDEN_SIZE=7, FORCE_RETRAIN=True))
+    assert (tmp_path / "model.pt.old").exists(), "FORCE_RETRAIN keeps the replaced checkpoint"
+
+
+def test_nan_loss_stops_with_model_and_step(part1, tmp_path):
+    settings = train_settings(part1)
+    torch.manual_seed(0)
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    with torch.no_grad():
+        model.out.bias[3] = float("nan")
+    batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
+    with pytest.raises(FloatingPointError, match=r"MyLSTM: training loss is nan at step 1"):
+        part1.train_model("MyLSTM", model, batcher, torch.randint(17, (40,)), settings, tmp_path / "nan.pt",
+                          log=lambda *args: None)
+
+
+def test_batch_size_one_trains(part1, tmp_path):
+    settings = train_settings(part1, BATCH_SIZE=1, EVAL_BATCH_SIZE=1, TRAIN_STEPS=3, EVAL_EVERY=3)
+    _, history = run_training(part1, tmp_path / "one.pt", settings)
+    assert len(history) == 1
+    assert math.isfinite(history[0]["valid_perplexity"])
+
+
+def test_recall_task_target_is_value_after_key(part1):
+    windows, targets = part1.recall_batch(50, torch.Generator().manual_seed(0))
+    assert windows.shape == (50, part1.RECALL_LENGTH)
+    assert torch.all((windows == part1.RECALL_KEY).sum(dim=1) == 1)
+    positions = (windows == part1.RECALL_KEY).int().argmax(dim=1)
+    assert torch.all(positions < part1.RECALL_LENGTH // 2)
+    assert torch.equal(targets, windows[torch.arange(50), positions + 1])
+    assert torch.all(targets < part1.RECALL_VALUES)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def write_tiny_corpus(folder, seed=0):
+    """Write ptb.{train,valid,test}.txt in the PTB format: space-led lines, <unk> and N tokens."""
+    rng = random.Random(seed)
+    words = [f"w{index}" for index in range(60)] + ["<unk>", "N", "the", "of"]
+    folder.mkdir(parents=True)
+    for split, lines in (("train", 400), ("valid", 60), ("test", 60)):
+        text = "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) + " \n"
+                       for _ in range(lines))
+        (folder / f"ptb.{split}.txt").write_text(text)
+
+
+def assert_png_not_blank(path):
+    image = matplotlib_image(path)
+    assert image.std() > 0.01, f"{path.name} is blank"
+
+
+def matplotlib_image(path):
+    import matplotlib.image
+    return matplotlib.image.imread(path)
+
+
+def test_notebook_smoke_run_end_to_end(run_notebook, tmp_path):
+    write_tiny_corpus(tmp_path / "data" / "ptb")
+    report = run_notebook(NOTEBOOK, PROFILE="smoke", DATA_DIR=tmp_path / "data", DOWNLOAD=0)
+    results = json.loads((report / "results" / "part1_smoke.json").read_text())
+    assert results["profile"] == "smoke"
+    assert results["data"]["checksums_match"] == {"ptb.train.txt": False, "ptb.valid.txt": False,
+                                                  "ptb.test.txt": False}
+    models = results["metrics"]["models"]
+    assert set(models) == {"MyLSTM", "MyLSTM_att", "TorchLSTM"}
+    vocabulary = results["data"]["vocabulary"]
+    for name, row in models.items():
+        assert 1 < row["test"]["perplexity"] < vocabulary, name
+        assert row["test"]["tokens"] == results["data"]["splits"]["test"] - 1
+        assert len(results["metrics"]["histories"][name]) == 2
+    for name in ("learning_curves", "attention_heatmaps", "recall_experiment", "recall_attention"):
+        assert_png_not_blank(report / "figures" / f"part1_smoke_{name}.png")
+        assert (report / "figures" / f"part1_smoke_{name}.pdf").stat().st_size > 1000

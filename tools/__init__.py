@@ -1,0 +1,1 @@
+"""Helpers that run and load the notebooks from outside Jupyter."""

@@ -1,0 +1,146 @@
+"""Execute the notebooks headless, cell by cell, with progress and a summary.
+
+    python -m tools.run_notebooks --profile cpu --data-dir ../shared/data
+
+Each notebook runs in a fresh kernel started in the repository root, with
+the settings passed as environment variables (see docs/NOTEBOOKS.md). The
+executed copy is written to REPORT_DIR/executed/<notebook>.<profile>.ipynb,
+also when a cell fails, so the failing output can be inspected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("part1_lstm.ipynb", "part2_cyclegan.ipynb")
+PROFILES = ("auto", "smoke", "cpu", "full")
+
+
+class NotebookFailed(RuntimeError):
+    """A cell raised; the message names the notebook and the cell."""
+
+
+def _cell_title(cell) -> str:
+    for line in cell.source.splitlines():
+        line = line.strip().lstrip("#").strip()
+        if line:
+            return line[:70]
+    return "(empty cell)"
+
+
+def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.PathLike,
+                     env: dict[str, str] | None = None, timeout_per_cell: int = 3600,
+                     log=print) -> nbformat.NotebookNode:
+    """Execute one notebook in a fresh kernel and write the executed copy.
+
+    ``env`` is added to this process's environment for the kernel. Raises
+    ``NotebookFailed`` naming the notebook and the cell when a cell raises.
+    """
+    notebook_path = Path(notebook_path)
+    output_path = Path(output_path)
+    notebook = nbformat.read(notebook_path, as_version=4)
+    kernel_env = dict(os.environ)
+    kernel_env.update({name: str(value) for name, value in (env or {}).items()})
+    # The kernel must not inherit a non-interactive backend choice from a parent Jupyter.
+    kernel_env.pop("MPLBACKEND", None)
+    client = NotebookClient(notebook, timeout=timeout_per_cell, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO_ROOT)}})
+    code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
+    start = time.monotonic()
+    failure = None
+    try:
+        with client.setup_kernel(env=kernel_env):
+            for number, index in enumerate(code_cells, start=1):
+                cell = notebook.cells[index]
+                log(f"[{notebook_path.name} {time.monotonic() - start:7.1f}s] "
+                    f"cell {number}/{len(code_cells)}: {_cell_title(cell)}", flush=True)
+                try:
+                    client.execute_cell(cell, index)
+                except CellExecutionError as error:
+                    failure = NotebookFailed(
+                        f"{notebook_path.name}: code cell {number} of {len(code_cells)} "
+                        f"(notebook cell {index}, '{_cell_title(cell)}') failed:\n{error}")
+                    break
+    finally:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, output_path)
+    if failure is not None:
+        log(f"[{notebook_path.name}] executed copy kept for inspection: {output_path}")
+        raise failure
+    log(f"[{notebook_path.name}] done in {time.monotonic() - start:.1f}s; "
+        f"executed copy: {output_path}", flush=True)
+    return notebook
+
+
+def _summary_lines(report_dir: Path, profile_by_notebook: dict[str, str]) -> list[str]:
+    lines = []
+    for name, started in profile_by_notebook.items():
+        part = name.split("_")[0]
+        candidates = sorted((report_dir / "results").glob(f"{part}_*.json"),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+        fresh = [p for p in candidates if p.stat().st_mtime >= float(started)]
+        if not fresh:
+            lines.append(f"{name}: no results file written")
+            continue
+        results = json.loads(fresh[0].read_text())
+        headline = ", ".join(f"{key} {value}" for key, value in results.get("headline", {}).items())
+        lines.append(f"{name}: profile {results.get('profile')}, device {results.get('device')}, "
+                     f"wall time {results.get('wall_time_s', float('nan')):.0f} s; {headline} "
+                     f"({fresh[0].relative_to(report_dir.parent) if report_dir.is_absolute() else fresh[0]})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", default=list(NOTEBOOKS),
+                        help="notebooks to run, in order (default: both)")
+    parser.add_argument("--profile", default=os.environ.get("PROFILE", "auto"), choices=PROFILES,
+                        help="settings profile (default: auto, i.e. full on a GPU, cpu otherwise)")
+    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
+                        help="folder with ptb/, mnist/, svhn/; downloads land here (default: data)")
+    parser.add_argument("--report-dir", default=os.environ.get("REPORT_DIR", "report"),
+                        help="figures/, results/ and executed/ are written below it (default: report)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override any other setting, e.g. --set TARGET_DOMAIN=synthetic")
+    args = parser.parse_args(argv)
+
+    report_dir = Path(args.report_dir).resolve()
+    env = {"PROFILE": args.profile, "DATA_DIR": str(Path(args.data_dir).resolve()),
+           "REPORT_DIR": str(report_dir)}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--set {item!r} is not NAME=VALUE; write e.g. --set SEED=1")
+        env[name] = value
+
+    started = {}
+    for name in args.notebooks:
+        path = (REPO_ROOT / name) if not Path(name).exists() else Path(name)
+        if not path.exists():
+            parser.error(f"notebook {name!r} not found; choose from {', '.join(NOTEBOOKS)}")
+        started[path.name] = time.time()
+        output = report_dir / "executed" / f"{path.stem}.{args.profile}.ipynb"
+        try:
+            execute_notebook(path, output, env=env)
+        except NotebookFailed as error:
+            print(f"\nFAILED: {error}", file=sys.stderr)
+            return 1
+
+    print("\nSummary")
+    for line in _summary_lines(report_dir, started):
+        print("  " + line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
