@@ -47,7 +47,7 @@ def run_notebook(tmp_path):
         env = {"REPORT_DIR": str(report_dir), "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
         env.update({key: str(value) for key, value in settings.items()})
         output = report_dir / "executed" / name
-        execute_notebook(REPO_ROOT / name, output, env=env, log=lambda *a, **k: None)
+        execute_notebook(REPO_ROOT / name, output, env=env, log=lambda *args, **kwargs: None, echo_output=False)
         return report_dir
 
     return run

@@ -424,6 +424,12 @@ def test_recall_task_target_is_value_after_key(part1):
     assert torch.all(positions < part1.RECALL_LENGTH // 2)
     assert torch.equal(targets, windows[torch.arange(50), positions + 1])
     assert torch.all(targets < part1.RECALL_VALUES)
+    distances = (part1.RECALL_LENGTH - 1) - (positions + 1)
+    assert distances.min() >= part1.RECALL_DISTANCES[0]
+    assert distances.max() <= part1.RECALL_DISTANCES[1]
+    many, _ = part1.recall_batch(2000, torch.Generator().manual_seed(1))
+    many_distances = (part1.RECALL_LENGTH - 2) - (many == part1.RECALL_KEY).int().argmax(dim=1)
+    assert set(many_distances.tolist()) == set(range(part1.RECALL_DISTANCES[0], part1.RECALL_DISTANCES[1] + 1))
 
 
 # ---------------------------------------------------------------- end to end

@@ -30,6 +30,21 @@ class NotebookFailed(RuntimeError):
     """A cell raised; the message names the notebook and the cell."""
 
 
+class EchoingClient(NotebookClient):
+    """A NotebookClient that also passes each line a cell prints to `echo`, as it arrives."""
+
+    def __init__(self, notebook, echo=None, **kwargs):
+        super().__init__(notebook, **kwargs)
+        self.echo = echo
+
+    def output(self, outs, msg, display_id, cell_index):
+        if self.echo is not None and msg["msg_type"] == "stream":
+            for line in msg["content"]["text"].splitlines():
+                if line.strip():
+                    self.echo(line)
+        return super().output(outs, msg, display_id, cell_index)
+
+
 def _cell_title(cell) -> str:
     for line in cell.source.splitlines():
         line = line.strip().lstrip("#").strip()
@@ -40,11 +55,12 @@ def _cell_title(cell) -> str:
 
 def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.PathLike,
                      env: dict[str, str] | None = None, timeout_per_cell: int = 3600,
-                     log=print) -> nbformat.NotebookNode:
+                     log=print, echo_output: bool = True) -> nbformat.NotebookNode:
     """Execute one notebook in a fresh kernel and write the executed copy.
 
-    ``env`` is added to this process's environment for the kernel. Raises
-    ``NotebookFailed`` naming the notebook and the cell when a cell raises.
+    ``env`` is added to this process's environment for the kernel. What the
+    cells print goes to ``log`` as it arrives when ``echo_output`` is true.
+    Raises ``NotebookFailed`` naming the notebook and the cell when a cell raises.
     """
     notebook_path = Path(notebook_path)
     output_path = Path(output_path)
@@ -53,10 +69,14 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     kernel_env.update({name: str(value) for name, value in (env or {}).items()})
     # The kernel must not inherit a non-interactive backend choice from a parent Jupyter.
     kernel_env.pop("MPLBACKEND", None)
-    client = NotebookClient(notebook, timeout=timeout_per_cell, kernel_name="python3",
-                            resources={"metadata": {"path": str(REPO_ROOT)}})
-    code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     start = time.monotonic()
+
+    def echo(line):
+        log(f"[{notebook_path.name} {time.monotonic() - start:7.1f}s]   {line}", flush=True)
+
+    client = EchoingClient(notebook, echo=echo if echo_output else None, timeout=timeout_per_cell,
+                           kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}})
+    code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     failure = None
     try:
         with client.setup_kernel(env=kernel_env):
@@ -82,21 +102,20 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     return notebook
 
 
-def _summary_lines(report_dir: Path, profile_by_notebook: dict[str, str]) -> list[str]:
+def _summary_lines(report_dir: Path, started_by_notebook: dict[str, float]) -> list[str]:
+    """One line per notebook from the newest results file it wrote during this run."""
     lines = []
-    for name, started in profile_by_notebook.items():
+    for name, started in started_by_notebook.items():
         part = name.split("_")[0]
-        candidates = sorted((report_dir / "results").glob(f"{part}_*.json"),
-                            key=lambda p: p.stat().st_mtime, reverse=True)
-        fresh = [p for p in candidates if p.stat().st_mtime >= float(started)]
+        fresh = [path for path in (report_dir / "results").glob(f"{part}_*.json") if path.stat().st_mtime >= started]
         if not fresh:
             lines.append(f"{name}: no results file written")
             continue
-        results = json.loads(fresh[0].read_text())
+        newest = max(fresh, key=lambda path: path.stat().st_mtime)
+        results = json.loads(newest.read_text())
         headline = ", ".join(f"{key} {value}" for key, value in results.get("headline", {}).items())
         lines.append(f"{name}: profile {results.get('profile')}, device {results.get('device')}, "
-                     f"wall time {results.get('wall_time_s', float('nan')):.0f} s; {headline} "
-                     f"({fresh[0].relative_to(report_dir.parent) if report_dir.is_absolute() else fresh[0]})")
+                     f"wall time {results.get('wall_time_s', float('nan')):.0f} s; {headline} ({newest})")
     return lines
 
 

@@ -1,0 +1,239 @@
+"""Benchmark the notebooks' training steps against this machine's matrix-multiply rate.
+
+    .venv/bin/python -m benchmarks.benchmark                 # everything, about 10 minutes on 2 cores
+    .venv/bin/python -m benchmarks.benchmark --only lstm     # the language models only
+    .venv/bin/python -m benchmarks.benchmark --only cyclegan --repeats 5
+
+Each case runs in its own Python process, so that its peak resident memory
+(ru_maxrss) is its own. A case builds the model from the notebook's
+definitions cells (tools/nbdefs.py), runs warm-up steps, then times repeated
+training steps (forward, backward, optimiser step) and reports the median and
+the spread (min, max). FLOPs are counted by torch.utils.flop_counter on one
+step: matrix multiplies and convolutions, forward and backward, which is the
+useful arithmetic; element-wise work is not counted. The machine's rate is the
+best of a large float32 matrix multiply through torch.mm and through oneDNN,
+measured in the same run. Results go to benchmarks/results/<date>-<device>.json
+and a Markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+# Sizes of the notebooks' cpu and full profiles (PROFILE_SETTINGS in part1_lstm.ipynb).
+LSTM_SIZES = {"cpu": {"embed": 200, "hidden": 200, "batch": 64, "window": 35},
+              "full": {"embed": 512, "hidden": 512, "batch": 64, "window": 35}}
+LSTM_MODELS = [("TorchLSTM", True), ("MyLSTM", True), ("MyLSTM", False), ("MyLSTM_att", True), ("MyLSTM_att", False)]
+VOCAB_SIZE = 10_000
+
+
+def timed(function, repeats, warmup, synchronize):
+    for _ in range(warmup):
+        function()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def count_flops(function):
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device, size=4096, repeats=10):
+    """Best float32 matmul rate in FLOP/s through torch.mm and, on CPU, oneDNN."""
+    import torch
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates = {"torch.mm": 2 * size ** 3 / min(timed(lambda: a @ b, repeats, 3, synchronize))}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        a_onednn, b_onednn = a.to_mkldnn(), b.to_mkldnn()
+        rates["oneDNN linear"] = 2 * size ** 3 / min(
+            timed(lambda: torch._C._nn.mkldnn_linear(a_onednn, b_onednn, None), repeats, 3, synchronize))
+    return rates
+
+
+def lstm_case(model_name, fused, size_name, path, repeats, warmup):
+    import torch
+    from torch import nn
+
+    from tools.nbdefs import load_definitions
+    part1 = load_definitions(REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+    device = part1.DEVICE
+    size = LSTM_SIZES[size_name]
+    torch.manual_seed(0)
+    model = part1.MODEL_CLASSES[model_name](VOCAB_SIZE, size["embed"], size["hidden"], 0.2).to(device)
+    if hasattr(model, "fused"):
+        model.fused = fused
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inputs = torch.randint(VOCAB_SIZE, (size["batch"], size["window"]), device=device)
+    targets = torch.randint(VOCAB_SIZE, (size["batch"], size["window"]), device=device)
+
+    def step():
+        if path == "training":
+            loss = nn.functional.cross_entropy(model.forward_all(inputs).flatten(0, 1), targets.flatten())
+        else:
+            loss = nn.functional.cross_entropy(model(inputs), targets[:, -1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    flops = count_flops(step)
+    times = timed(step, repeats, warmup, synchronize)
+    return {"flops": flops, "times_s": times}
+
+
+def cyclegan_case(size_name, repeats, warmup):
+    import torch
+
+    from tools.nbdefs import load_definitions
+    part2 = load_definitions(REPO_ROOT / "part2_cyclegan.ipynb",
+                             env={"PROFILE": size_name, "TARGET_DOMAIN": "synthetic"})
+    return part2.benchmark_iteration(repeats=repeats, warmup=warmup, count_flops=count_flops,
+                                     timed=timed, torch=torch)
+
+
+def run_case(case, repeats, warmup):
+    """Run one case in this process and return its measurements."""
+    kind, *rest = case.split(":")
+    if kind == "lstm":
+        model_name, fused, size_name, path = rest
+        result = lstm_case(model_name, fused == "fused", size_name, path, repeats, warmup)
+    elif kind == "cyclegan":
+        result = cyclegan_case(rest[0], repeats, warmup)
+    else:
+        raise ValueError(f"unknown case {case!r}: expected lstm:... or cyclegan:...")
+    # ru_maxrss is in KiB on Linux.
+    result["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def all_cases(only):
+    cases = []
+    if only in (None, "lstm"):
+        for size_name in LSTM_SIZES:
+            for path in ("forward", "training"):
+                for model_name, fused in LSTM_MODELS:
+                    cases.append(f"lstm:{model_name}:{'fused' if fused else 'loop'}:{size_name}:{path}")
+    if only in (None, "cyclegan"):
+        cases += ["cyclegan:cpu", "cyclegan:full"]
+    return cases
+
+
+def describe_machine():
+    import torch
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        cpu = models[0] if models else cpu
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def summarise(case, result, machine_rate):
+    times = result["times_s"]
+    median = statistics.median(times)
+    row = {"case": case, "median_ms": 1000 * median, "min_ms": 1000 * min(times), "max_ms": 1000 * max(times),
+           "gflop_per_step": result["flops"] / 1e9, "gflop_per_s": result["flops"] / median / 1e9,
+           "share_of_matmul_rate": result["flops"] / median / machine_rate,
+           "peak_memory_mib": result["peak_memory_mib"]}
+    for key in ("data_share", "data_ms"):
+        if key in result:
+            row[key] = result[key]
+    return row
+
+
+def markdown_table(rows):
+    lines = ["| case | median ms | min-max ms | ratio to TorchLSTM | GFLOP/step | GFLOP/s | share of matmul rate | "
+             "peak MiB | data share |", "|" + " --- |" * 9]
+    reference = {}
+    for row in rows:
+        parts = row["case"].split(":")
+        if parts[0] == "lstm" and parts[1] == "TorchLSTM":
+            reference[(parts[3], parts[4])] = row["median_ms"]
+    for row in rows:
+        parts = row["case"].split(":")
+        ratio = ""
+        if parts[0] == "lstm":
+            ratio = f"{row['median_ms'] / reference[(parts[3], parts[4])]:.2f}"
+        data = f"{100 * row['data_share']:.1f}%" if "data_share" in row else ""
+        lines.append(f"| {row['case']} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
+                     f"{ratio} | {row['gflop_per_step']:.2f} | {row['gflop_per_s']:.1f} | "
+                     f"{100 * row['share_of_matmul_rate']:.1f}% | {row['peak_memory_mib']:.0f} | {data} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["lstm", "cyclegan"], help="run only these cases")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per case (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    parser.add_argument("--output", help="results JSON (default benchmarks/results/<date>-<device>.json)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and {args.warmup}")
+
+    if args.case:
+        print(json.dumps(run_case(args.case, args.repeats, args.warmup)))
+        return 0
+
+    import torch
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = describe_machine()
+    rates = matmul_rate(device)
+    machine_rate = max(rates.values())
+    print(f"{machine['cpu']}, {machine['cpu_cores']} cores, GPU {machine['gpu']}; float32 matmul: "
+          + ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items()), flush=True)
+
+    rows = []
+    for case in all_cases(args.only):
+        command = [sys.executable, "-m", "benchmarks.benchmark", "--case", case,
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        if completed.returncode != 0:
+            print(f"{case}: failed\n{completed.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        rows.append(summarise(case, json.loads(completed.stdout.strip().splitlines()[-1]), machine_rate))
+        print(f"{case:38s} {rows[-1]['median_ms']:8.1f} ms  {100 * rows[-1]['share_of_matmul_rate']:5.1f}% "
+              f"of matmul rate  {rows[-1]['peak_memory_mib']:6.0f} MiB", flush=True)
+
+    print()
+    print(markdown_table(rows))
+    output = Path(args.output) if args.output else (
+        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-{device.type}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"machine": machine, "matmul_rate_flop_s": rates, "repeats": args.repeats,
+                                  "warmup": args.warmup, "rows": rows}, indent=2))
+    print(f"\nwrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
