@@ -1,0 +1,684 @@
+"""Tests of the part 2 notebook (CycleGAN), through its definitions and smoke runs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import urllib.error
+
+import matplotlib.pyplot as plt
+import nbformat
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from tools.nbdefs import load_definitions, tagged_cells
+
+NOTEBOOK = "part2_cyclegan.ipynb"
+SMOKE = {"PROFILE": "smoke", "NUM_THREADS": "1"}
+
+
+def load(repo_root, **settings):
+    env = dict(SMOKE)
+    env.update({name: str(value) for name, value in settings.items()})
+    return load_definitions(repo_root / NOTEBOOK, env=env)
+
+
+@pytest.fixture
+def nb(repo_root, tmp_path):
+    return load(repo_root, CHECKPOINT_DIR=tmp_path / "checkpoints",
+                REPORT_DIR=tmp_path / "report")
+
+
+def write_mnist_idx(folder, prefix, images, labels):
+    """Write MNIST idx files (big-endian header, uint8 payload), as the official files are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    count = len(images)
+    with open(folder / f"{prefix}-images-idx3-ubyte", "wb") as handle:
+        handle.write(np.array([0x803, count, 28, 28], dtype=">i4").tobytes())
+        handle.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    with open(folder / f"{prefix}-labels-idx1-ubyte", "wb") as handle:
+        handle.write(np.array([0x801, count], dtype=">i4").tobytes())
+        handle.write(np.asarray(labels, dtype=np.uint8).tobytes())
+
+
+def write_svhn_mat(path, images_nhwc, digits):
+    """Write an SVHN .mat file: X (32, 32, 3, N) uint8 and y (N, 1) with 10 for the digit 0."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw_labels = np.where(np.asarray(digits) == 0, 10, digits).reshape(-1, 1).astype(np.uint8)
+    scipy.io.savemat(path, {"X": np.ascontiguousarray(images_nhwc.transpose(1, 2, 3, 0)),
+                            "y": raw_labels})
+
+
+def write_tiny_data(root, train=120, test=60, seed=0):
+    """Write MNIST and SVHN files in their official formats with random pixels."""
+    rng = np.random.default_rng(seed)
+    raw = root / "mnist" / "MNIST" / "raw"
+    for prefix, count in (("train", train), ("t10k", test)):
+        write_mnist_idx(raw, prefix, rng.integers(0, 256, (count, 28, 28), dtype=np.uint8),
+                        np.arange(count) % 10)
+    for name, count in (("train_32x32.mat", train), ("test_32x32.mat", test)):
+        write_svhn_mat(root / "svhn" / name,
+                       rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+                       np.arange(count) % 10)
+    return root
+
+
+def small_gan(nb, num_classes=11, learning_rate=1e-3, seed=0):
+    return nb.build_cyclegan(4, 4, num_classes, learning_rate, 0.5, "cpu", False, seed)
+
+
+def parameters_of(network):
+    return {name: p.detach().clone() for name, p in network.named_parameters()}
+
+
+def changed(network, before):
+    return any(not torch.equal(p, before[name]) for name, p in network.named_parameters())
+
+
+def batches(seed=0, size=6):
+    generator = torch.Generator().manual_seed(seed)
+    m_data = torch.rand(size, 1, 32, 32, generator=generator) * 2 - 1
+    s_data = torch.rand(size, 3, 32, 32, generator=generator) * 2 - 1
+    labels = torch.arange(size) % 10  # contains digit 0, which must never become class 10
+    return (m_data, labels), (s_data, labels.flip(0))
+
+
+# Definitions and settings
+
+
+def test_definitions_load(nb):
+    for name in ("Residual_Block", "Generator", "Discriminator", "Train_D_ms", "Train_D_sm",
+                 "Train_G_msm", "Train_G_sms", "train_iteration", "build_cyclegan"):
+        assert callable(getattr(nb, name)), name
+    assert nb.PROFILE == "smoke"
+    assert nb.GAN_STEPS == nb.PROFILE_SETTINGS["smoke"]["GAN_STEPS"]
+
+
+def test_setting_names_match_parameters_cell(repo_root, nb):
+    tag, source = tagged_cells(repo_root / NOTEBOOK)[0]
+    values = {node.targets[0].id: node.value for node in ast.parse(source).body
+              if isinstance(node, ast.Assign)}
+    assert tag == "parameters"
+    assert set(values) - {"PROFILE_SETTINGS"} == set(nb.SETTING_NAMES)
+    profile_dependent = {name for name in nb.SETTING_NAMES
+                         if ast.literal_eval(values[name]) is None}
+    assert "GAN_STEPS" in profile_dependent
+    for profile in ("smoke", "cpu", "full"):
+        assert set(nb.PROFILE_SETTINGS[profile]) == profile_dependent, profile
+
+
+def test_environment_overrides_settings(repo_root):
+    nb = load(repo_root, CYCLE_WEIGHT="2.5", GAN_STEPS="7", FORCE_RETRAIN="yes",
+              TARGET_DOMAIN="synthetic")
+    assert nb.CYCLE_WEIGHT == 2.5
+    assert nb.GAN_STEPS == 7
+    assert nb.FORCE_RETRAIN is True
+    assert nb.RUN_NAME == "part2_smoke_synthetic"
+
+
+def test_invalid_setting_raises(nb):
+    defaults = {name: nb.SETTINGS[name] for name in nb.SETTING_NAMES}
+    defaults["GAN_STEPS"] = None
+    with pytest.raises(ValueError, match=r"GAN_STEPS='many'.*GAN_STEPS=3"):
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {"GAN_STEPS": "many"}, False)
+    with pytest.raises(ValueError, match="TARGET_DOMAIN='mnist'"):
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {"TARGET_DOMAIN": "mnist"}, False)
+
+
+def test_auto_profile_follows_cuda(nb):
+    defaults = {name: nb.SETTINGS[name] for name in nb.SETTING_NAMES}
+    defaults.update(PROFILE="auto", GAN_STEPS=None)
+    cpu = nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
+    gpu = nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, True)
+    assert cpu["PROFILE"] == "cpu"
+    assert cpu["GAN_STEPS"] == nb.PROFILE_SETTINGS["cpu"]["GAN_STEPS"]
+    assert gpu["PROFILE"] == "full"
+    assert gpu["GAN_STEPS"] == nb.PROFILE_SETTINGS["full"]["GAN_STEPS"]
+
+
+# Shapes
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_generator_shapes(nb, batch):
+    G = nb.Generator("mnist_to_svhn", conv_dim=8)
+    F = nb.Generator("svhn_to_mnist", conv_dim=8)
+    fake_s = G(torch.randn(batch, 1, 32, 32))
+    assert fake_s.shape == (batch, 3, 32, 32)
+    assert F(torch.randn(batch, 3, 32, 32)).shape == (batch, 1, 32, 32)
+    assert fake_s.abs().max() <= 1.0  # tanh output
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("domain,channels", [("mnist", 1), ("svhn", 3)])
+def test_discriminator_logits_shape(nb, batch, domain, channels):
+    for num_classes in (11, 2, 1):
+        D = nb.Discriminator(domain, conv_dim=8, num_classes=num_classes)
+        assert D(torch.randn(batch, channels, 32, 32)).shape == (batch, num_classes)
+        D.eval()
+        assert D(torch.randn(batch, channels, 32, 32)).shape == (batch, num_classes)
+
+
+def test_invalid_direction_and_domain_raise(nb):
+    with pytest.raises(ValueError, match="mnist_to_svhn"):
+        nb.Generator("mnist_to_mnist")
+    with pytest.raises(ValueError, match="Dx"):
+        nb.Discriminator("cifar")
+    with pytest.raises(ValueError, match="num_classes=10"):
+        nb.Discriminator("mnist", num_classes=10)
+
+
+def test_residual_block_adds_input(nb):
+    block = nb.Residual_Block(6, 4, 6)
+    x = torch.randn(3, 6, 8, 8)
+    assert block(x).shape == x.shape
+    # With the second convolution zeroed, the residual branch is BN(0) = 0 and only the
+    # skip connection is left: the output must be ReLU(x).
+    with torch.no_grad():
+        block.conv2.weight.zero_()
+    assert torch.allclose(block(x), torch.relu(x))
+
+
+# Training functions
+
+
+def test_training_functions_update_only_their_networks(nb):
+    gan = small_gan(nb)
+    (m_data, m_label), (s_data, s_label) = batches()
+    calls = {
+        "Train_D_ms": (lambda: nb.Train_D_ms(gan.Dx, gan.Dy, gan.G, m_data, m_label,
+                                             optimizer=gan.d_optimizer), {"Dx", "Dy"}),
+        "Train_D_sm": (lambda: nb.Train_D_sm(gan.Dx, gan.Dy, gan.F, s_data, s_label,
+                                             optimizer=gan.d_optimizer), {"Dx", "Dy"}),
+        "Train_G_msm": (lambda: nb.Train_G_msm(gan.Dy, gan.G, gan.F, m_data, m_label,
+                                               optimizer=gan.g_optimizer), {"G", "F"}),
+        "Train_G_sms": (lambda: nb.Train_G_sms(gan.Dx, gan.G, gan.F, s_data, s_label,
+                                               optimizer=gan.g_optimizer), {"G", "F"}),
+    }
+    for function, (call, trained) in calls.items():
+        before = {name: parameters_of(network) for name, network in gan.networks().items()}
+        loss = call()
+        assert isinstance(loss, float), function
+        assert math.isfinite(loss), function
+        for name, network in gan.networks().items():
+            assert changed(network, before[name]) == (name in trained), (function, name)
+
+
+def test_generator_steps_compute_no_discriminator_gradients(nb):
+    gan = small_gan(nb)
+    (m_data, m_label), (s_data, s_label) = batches()
+    nb.Train_G_msm(gan.Dy, gan.G, gan.F, m_data, m_label, optimizer=gan.g_optimizer)
+    nb.Train_G_sms(gan.Dx, gan.G, gan.F, s_data, s_label, optimizer=gan.g_optimizer)
+    assert all(p.grad is None for p in [*gan.Dx.parameters(), *gan.Dy.parameters()])
+    assert all(p.requires_grad for p in [*gan.Dx.parameters(), *gan.Dy.parameters()])
+
+
+def test_discriminator_steps_detach_generated_images(nb):
+    gan = small_gan(nb)
+    (m_data, m_label), (s_data, s_label) = batches()
+    nb.Train_D_ms(gan.Dx, gan.Dy, gan.G, m_data, m_label, optimizer=gan.d_optimizer)
+    nb.Train_D_sm(gan.Dx, gan.Dy, gan.F, s_data, s_label, optimizer=gan.d_optimizer)
+    assert all(p.grad is None for p in [*gan.G.parameters(), *gan.F.parameters()])
+
+
+class Recording(torch.nn.Module):
+    """A discriminator wrapper that logs each input and the logits it returned."""
+
+    def __init__(self, inner, log):
+        super().__init__()
+        self.inner = inner
+        self.num_classes = inner.num_classes
+        self.log = log
+
+    def forward(self, x):
+        logits = self.inner(x)
+        self.log.append((x, logits))
+        return logits
+
+
+def test_fake_class_only_for_generated_images(nb, monkeypatch):
+    gan = small_gan(nb)
+    (m_data, m_label), (s_data, s_label) = batches(size=7)
+    forwards, losses = [], []
+    original = nb.classification_loss
+
+    def recording_loss(logits, targets):
+        losses.append((logits, targets))
+        return original(logits, targets)
+
+    monkeypatch.setattr(nb, "classification_loss", recording_loss)
+    Dx, Dy = Recording(gan.Dx, forwards), Recording(gan.Dy, forwards)
+    steps = {
+        "Train_D_ms": lambda: nb.Train_D_ms(Dx, Dy, gan.G, m_data, m_label, gan.d_optimizer),
+        "Train_D_sm": lambda: nb.Train_D_sm(Dx, Dy, gan.F, s_data, s_label, gan.d_optimizer),
+        "Train_G_msm": lambda: nb.Train_G_msm(Dy, gan.G, gan.F, m_data, m_label, gan.g_optimizer),
+        "Train_G_sms": lambda: nb.Train_G_sms(Dx, gan.G, gan.F, s_data, s_label, gan.g_optimizer),
+    }
+    for function, step in steps.items():
+        forwards.clear()
+        losses.clear()
+        step()
+        assert len(losses) == (2 if function.startswith("Train_D") else 1), function
+        for logits, targets in losses:
+            inputs = next(x for x, out in forwards if out is logits)
+            real = torch.equal(inputs, m_data) or torch.equal(inputs, s_data)
+            generated_in_d_step = not real and function.startswith("Train_D")
+            if generated_in_d_step:
+                assert torch.equal(targets, torch.full_like(targets, 10)), function
+            else:
+                assert (targets != 10).all(), function
+                source_label = m_label if function in ("Train_D_ms", "Train_G_msm") else s_label
+                assert torch.equal(targets, source_label), function
+            assert len(targets) == len(inputs), function
+
+
+def test_losses_match_their_equations(nb):
+    gan = small_gan(nb)
+    (m_data, m_label), (s_data, s_label) = batches()
+    frozen_d = torch.optim.SGD([*gan.Dx.parameters(), *gan.Dy.parameters()], lr=0.0)
+    frozen_g = torch.optim.SGD([*gan.G.parameters(), *gan.F.parameters()], lr=0.0)
+    ce, mse, fake = (torch.nn.functional.cross_entropy, torch.nn.functional.mse_loss,
+                     torch.full((6,), 10))
+    G, F, Dx, Dy = gan.G, gan.F, gan.Dx, gan.Dy
+    with torch.no_grad():
+        expected = {
+            "D_ms": ce(Dx(m_data), m_label) + ce(Dy(G(m_data)), fake),
+            "D_sm": ce(Dy(s_data), s_label) + ce(Dx(F(s_data)), fake),
+            "G_msm": ce(Dy(G(m_data)), m_label) + nb.CYCLE_WEIGHT * mse(F(G(m_data)), m_data),
+            "G_sms": ce(Dx(F(s_data)), s_label) + nb.CYCLE_WEIGHT * mse(G(F(s_data)), s_data),
+        }
+    returned = {
+        "D_ms": nb.Train_D_ms(Dx, Dy, G, m_data, m_label, optimizer=frozen_d),
+        "D_sm": nb.Train_D_sm(Dx, Dy, F, s_data, s_label, optimizer=frozen_d),
+        "G_msm": nb.Train_G_msm(Dy, G, F, m_data, m_label, optimizer=frozen_g),
+        "G_sms": nb.Train_G_sms(Dx, G, F, s_data, s_label, optimizer=frozen_g),
+    }
+    for name, value in expected.items():
+        assert returned[name] == pytest.approx(value.item(), rel=1e-5), name
+
+
+def test_default_optimizers_are_the_notebooks(nb):
+    (m_data, m_label), _ = batches()
+    gan = small_gan(nb)
+    with pytest.raises(RuntimeError, match="d_optimizer"):
+        nb.Train_D_ms(gan.Dx, gan.Dy, gan.G, m_data, m_label)
+    nb.d_optimizer, nb.g_optimizer = gan.d_optimizer, gan.g_optimizer
+    before = parameters_of(gan.Dx)
+    nb.Train_D_ms(gan.Dx, gan.Dy, gan.G, m_data, m_label)
+    assert changed(gan.Dx, before)
+    before = parameters_of(gan.G)
+    nb.Train_G_msm(gan.Dy, gan.G, gan.F, m_data, m_label)
+    assert changed(gan.G, before)
+
+
+def test_two_class_discriminator_ignores_digits(nb, monkeypatch):
+    gan = small_gan(nb, num_classes=2)
+    (m_data, m_label), (s_data, s_label) = batches()
+    targets_seen = []
+    original = nb.classification_loss
+
+    def recording_loss(logits, targets):
+        targets_seen.append(targets)
+        return original(logits, targets)
+
+    monkeypatch.setattr(nb, "classification_loss", recording_loss)
+    losses = nb.train_iteration(gan, (m_data, m_label), (s_data, s_label))
+    assert set(losses) == {"D_ms", "D_sm", "G_msm", "G_sms"}
+    assert all(math.isfinite(value) for value in losses.values())
+    assert set(torch.cat(targets_seen).tolist()) == {0, 1}
+
+
+def test_partial_batch_trains(nb):
+    gan = small_gan(nb)
+    (m_data, m_label), (s_data, s_label) = batches(size=3)
+    losses = nb.train_iteration(gan, (m_data, m_label), (s_data[:2], s_label[:2]))
+    assert all(math.isfinite(value) for value in losses.values())
+
+
+def test_batch_stream_covers_epoch_with_partial_batch(nb):
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2)
+    stream = nb.BatchStream(images, torch.arange(10), 4, seed=0, device="cpu")
+    sizes, seen = [], []
+    for _ in range(3):
+        batch, labels = next(stream)
+        sizes.append(len(batch))
+        seen.extend(labels.tolist())
+        # Each image's pixels equal its index, so images and labels must stay paired.
+        assert torch.equal(((batch[:, 0, 0, 0] + 1) * 127.5).round().long(), labels)
+    assert sizes == [4, 4, 2]
+    assert sorted(seen) == list(range(10))
+    assert len(next(stream)[0]) == 4  # a new epoch starts with a full batch
+
+
+# Data
+
+
+def test_svhn_label_10_becomes_digit_0(nb, tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": images.transpose(1, 2, 3, 0),
+                            "y": np.array([[10], [1], [9], [10]], dtype=np.uint8)})
+    loaded, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [0, 1, 9, 0]
+    assert loaded.shape == (4, 3, 32, 32)
+    assert torch.equal(loaded, torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+def test_svhn_missing_offline_names_files_and_fallback(nb, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", offline)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_svhn(tmp_path)
+    message = str(error.value)
+    assert "train_32x32.mat" in message
+    assert str(tmp_path / "svhn") in message
+    assert "TARGET_DOMAIN='synthetic'" in message
+
+
+def test_mnist_normalised_background_is_minus_one(nb, tmp_path):
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    images[:, 10:18, 12:16] = 255
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    write_mnist_idx(raw, "train", images, [0, 1, 2])
+    write_mnist_idx(raw, "t10k", images[:2], [3, 4])
+    mnist = nb.load_mnist(tmp_path)
+    normalised = nb.to_model_range(mnist.train_images)
+    assert normalised.shape == (3, 1, 32, 32)
+    assert mnist.train_labels.tolist() == [0, 1, 2]
+    assert mnist.test_labels.tolist() == [3, 4]
+    assert normalised[:, :, :2].eq(-1).all()  # padding rows
+    assert normalised[:, :, :, :2].eq(-1).all()  # padding columns
+    assert normalised[0, 0, 0:12].eq(-1).all()  # background above the stroke
+    assert normalised[0, 0, 12:20, 14:18].eq(1).all()  # the stroke, shifted by the padding
+
+
+def test_saved_image_maps_range_to_black_and_white(nb, tmp_path):
+    first = torch.tensor([[-1.0, 1.0], [-3.0, 3.0]]).view(1, 1, 2, 2)
+    images = torch.cat([first, torch.zeros(1, 1, 2, 2)])
+    path = tmp_path / "grid.png"
+    nb.save_image_grid(images, path, columns=2)
+    pixels = plt.imread(path)[..., :3]  # padding of 2 pixels around each image
+    assert np.allclose(pixels[2, 2], 0.0)  # -1 is black
+    assert np.allclose(pixels[2, 3], 1.0)  # 1 is white
+    assert np.allclose(pixels[3, 2], 0.0)  # -3 is clamped to black
+    assert np.allclose(pixels[3, 3], 1.0)  # 3 is clamped to white
+    assert np.allclose(pixels[2, 6], 0.5, atol=1 / 255)  # 0 is mid-gray
+
+
+def test_synthetic_digits_deterministic_with_every_class(nb):
+    images, labels = nb.make_synthetic_digits(40, seed=5)
+    again, again_labels = nb.make_synthetic_digits(40, seed=5)
+    other, _ = nb.make_synthetic_digits(40, seed=6)
+    assert images.shape == (40, 3, 32, 32)
+    assert images.dtype == torch.uint8
+    assert torch.equal(images, again)
+    assert torch.equal(labels, again_labels)
+    assert not torch.equal(images, other)
+    assert torch.bincount(labels, minlength=10).tolist() == [4] * 10
+    assert images.float().std(dim=(1, 2, 3)).min() > 5  # no blank crops
+
+
+def test_synthetic_digit_dominates_centre(nb):
+    # Ink (distance from the background colour) must concentrate in the middle columns, where
+    # the centre digit is, and not spread evenly as with three equal digits in the crop.
+    images, _ = nb.make_synthetic_digits(200, seed=3)
+    gray = images.float().mean(1)  # (N, 32, 32)
+    edge_rows = torch.cat([gray[:, 0, :], gray[:, 31, :]], dim=1)
+    background = edge_rows.median(dim=1).values.view(-1, 1, 1)
+    ink = (gray - background).abs()
+    centre = ink[:, :, 10:22].mean()
+    sides = torch.cat([ink[:, :, :6], ink[:, :, 26:]], dim=2).mean()
+    assert centre > 1.3 * sides
+
+
+# Evaluation mode
+
+
+def test_eval_translation_independent_of_batch(nb):
+    gan = small_gan(nb)
+    for seed in range(3):  # give batch norm running statistics away from their start
+        nb.train_iteration(gan, *batches(seed=seed))
+    generator = torch.Generator().manual_seed(9)
+    batch = torch.rand(8, 1, 32, 32, generator=generator) * 2 - 1
+    other = batch.clone()
+    other[1:] = torch.rand(7, 1, 32, 32, generator=generator) * 2 - 1
+    alone = nb.translate(gan.G, batch[:1])
+    assert torch.allclose(nb.translate(gan.G, batch)[:1], alone, atol=1e-6)
+    assert torch.allclose(nb.translate(gan.G, other)[:1], alone, atol=1e-6)
+    assert gan.G.training  # back in train mode
+    with torch.no_grad():  # in train mode the rest of the batch does matter
+        assert not torch.allclose(gan.G(batch)[:1], gan.G(other)[:1], atol=1e-6)
+
+
+def test_sampling_restores_train_mode(nb):
+    gan = small_gan(nb)
+    gan.F.eval()
+    samples = nb.sample_translations(gan, batches()[0][0][:2], batches()[1][0][:2])
+    assert samples["G(m)"].shape == (2, 3, 32, 32)
+    assert samples["F(G(m))"].shape == (2, 1, 32, 32)
+    assert gan.G.training
+    assert not gan.F.training  # each network gets its own previous mode back
+
+
+def test_class_preservation_counts(nb):
+    class ConstantClassifier(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(len(x), 10)
+            logits[:, 3] = 1.0
+            return logits
+
+    identity = torch.nn.Identity()
+    images = torch.zeros(5, 1, 32, 32, dtype=torch.uint8)
+    labels = torch.tensor([3, 3, 1, 0, 3])
+    accuracy, confusion = nb.class_preservation(identity, ConstantClassifier(), images, labels)
+    assert accuracy == pytest.approx(0.6)
+    assert confusion[3, 3] == 3
+    assert confusion[1, 3] == 1
+    assert confusion.sum() == 5
+
+
+# Training loop: determinism, checkpoints, NaN
+
+
+@pytest.fixture
+def tiny_run(repo_root, tmp_path):
+    """Definitions with tiny in-memory domains, ready for train_cyclegan."""
+    nb = load(repo_root, TARGET_DOMAIN="synthetic", GAN_STEPS=4, SAMPLE_EVERY=2, LOG_EVERY=2,
+              D_PRETRAIN_STEPS=2, BATCH_SIZE=8, CONV_DIM_G=4, CONV_DIM_D=4,
+              CHECKPOINT_DIR=tmp_path / "checkpoints", REPORT_DIR=tmp_path / "report")
+    rng = np.random.default_rng(0)
+    m_images = torch.from_numpy(rng.integers(0, 256, (30, 1, 32, 32), dtype=np.uint8))
+    labels = torch.arange(30) % 10
+    s_images, s_labels = nb.make_synthetic_digits(30, seed=1)
+    nb.mnist = nb.DigitDomain("mnist", m_images, labels, m_images[:10], labels[:10])
+    nb.target = nb.DigitDomain("synthetic", s_images, s_labels, s_images[:10], s_labels[:10])
+    torch.manual_seed(0)
+    nb.classifiers = {"mnist": nb.DigitClassifier(1, 4), "synthetic": nb.DigitClassifier(3, 4)}
+    return nb
+
+
+def test_same_seed_gives_identical_run(tiny_run, tmp_path):
+    _, first = tiny_run.train_cyclegan("first", 11, 2)
+    _, second = tiny_run.train_cyclegan("second", 11, 2)
+    assert len(first.losses["G_msm"]) == 4
+    assert first.losses == second.losses
+    assert first.checks == second.checks
+
+
+def test_rerun_loads_finished_training(tiny_run, monkeypatch):
+    gan, record = tiny_run.train_cyclegan("run", 11, 2)
+
+    def fail(*args):
+        raise AssertionError("a finished run must not train again")
+
+    monkeypatch.setattr(tiny_run, "train_iteration", fail)
+    loaded, loaded_record = tiny_run.train_cyclegan("run", 11, 2)
+    assert loaded_record.losses == record.losses
+    for name, network in gan.networks().items():
+        for key, value in network.state_dict().items():
+            assert torch.equal(value, loaded.networks()[name].state_dict()[key]), (name, key)
+
+
+def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
+    _, reference = tiny_run.train_cyclegan("reference", 11, 2)
+    original = tiny_run.train_iteration
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(tiny_run, "train_iteration", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.train_cyclegan("resumed", 11, 2)
+    monkeypatch.setattr(tiny_run, "train_iteration", original)
+    _, resumed = tiny_run.train_cyclegan("resumed", 11, 2)  # from the checkpoint at iteration 2
+    assert resumed.losses == reference.losses
+
+
+def test_force_retrain_ignores_checkpoint(tiny_run, monkeypatch):
+    tiny_run.train_cyclegan("run", 11, 2)
+    monkeypatch.setattr(tiny_run, "FORCE_RETRAIN", True)
+    calls = []
+    original = tiny_run.train_iteration
+    monkeypatch.setattr(tiny_run, "train_iteration",
+                        lambda *args: calls.append(1) or original(*args))
+    tiny_run.train_cyclegan("run", 11, 2)
+    assert len(calls) == 4
+
+
+def test_nan_loss_stops_with_message(tiny_run, monkeypatch):
+    monkeypatch.setattr(tiny_run, "train_iteration",
+                        lambda *args: {"D_ms": 1.0, "D_sm": float("nan"), "G_msm": 1.0,
+                                       "G_sms": 1.0})
+    with pytest.raises(FloatingPointError, match="D_sm is nan at iteration 1"):
+        tiny_run.train_cyclegan("nan", 11, 0)
+
+
+def test_batch_norm_calibration_changes_only_statistics(tiny_run):
+    gan = small_gan(tiny_run)
+    for seed in range(2):
+        tiny_run.train_iteration(gan, *batches(seed=seed))
+    weights = parameters_of(gan.G)
+    before = gan.G.encoder[1].running_var.clone()
+    tiny_run.calibrate_batch_norm(gan)
+    calibrated = gan.G.encoder[1].running_var.clone()
+    assert not torch.allclose(before, calibrated)
+    assert not changed(gan.G, weights)
+    assert gan.G.training
+    tiny_run.calibrate_batch_norm(gan)  # an exact average over the same images: no drift
+    assert torch.allclose(gan.G.encoder[1].running_var, calibrated)
+
+
+def test_learning_rate_decays_linearly(nb, monkeypatch):
+    monkeypatch.setattr(nb, "GAN_STEPS", 100)
+    monkeypatch.setattr(nb, "LR_DECAY_START", 0.5)
+    monkeypatch.setattr(nb, "LEARNING_RATE", 1e-3)
+    assert nb.learning_rate_at(0) == pytest.approx(1e-3)
+    assert nb.learning_rate_at(49) == pytest.approx(1e-3)
+    assert nb.learning_rate_at(75) == pytest.approx(0.5e-3)
+    assert nb.learning_rate_at(99) == pytest.approx(0.02e-3)
+    monkeypatch.setattr(nb, "LR_DECAY_START", 1.0)
+    assert nb.learning_rate_at(99) == pytest.approx(1e-3)
+
+
+def test_benchmark_iteration_reports_time_and_flops(nb):
+    calls = []
+
+    def count_flops(step):
+        step()
+        return 123.0
+
+    def timed(step, repeats, warmup, synchronize):
+        times = []
+        for _ in range(warmup + repeats):
+            step()
+            calls.append(1)
+            times.append(0.5)
+        return times[warmup:]
+
+    result = nb.benchmark_iteration(repeats=2, warmup=1, count_flops=count_flops, timed=timed)
+    assert result["flops"] == 123.0
+    assert result["times_s"] == [0.5, 0.5]
+    assert len(calls) == 3
+    assert 0 < result["data_share"] < 1
+    assert result["data_ms"] > 0
+
+
+# Real data
+
+
+def test_real_mnist_loads_with_normalisation(nb, real_data):
+    mnist = nb.load_mnist(real_data)
+    assert mnist.train_images.shape == (60000, 1, 32, 32)
+    assert mnist.test_images.shape == (10000, 1, 32, 32)
+    assert mnist.train_images.dtype == torch.uint8
+    assert torch.bincount(mnist.train_labels, minlength=10).min() > 5000
+    assert mnist.test_labels.unique().tolist() == list(range(10))
+    normalised = nb.to_model_range(mnist.test_images[:500])
+    assert normalised.min() == -1.0
+    assert normalised.max() == 1.0
+    assert normalised[:, :, :2].eq(-1).all()  # padded border is background
+    assert normalised.mean() < -0.6  # mostly black background, as in MNIST
+
+
+def test_real_svhn_sample_in_official_format(nb, real_data, tmp_path):
+    sample = np.load(real_data / "svhn-sample" / "svhn_real50_uint8.npz")
+    images, digits = sample["X"], sample["y"]
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        write_svhn_mat(tmp_path / "svhn" / name, images, digits)
+    svhn = nb.load_svhn(tmp_path)
+    assert torch.equal(svhn.train_images, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert svhn.train_labels.tolist() == digits.tolist()
+    assert svhn.test_labels.min() == 0
+    assert svhn.channels == 3
+
+
+# End to end
+
+
+def nonblank_png(path):
+    pixels = plt.imread(path)
+    return pixels[..., :3].std() > 0.02
+
+
+@pytest.mark.parametrize("target_domain", ["svhn", "synthetic"])
+def test_notebook_smoke_end_to_end(run_notebook, tmp_path, target_domain):
+    data_dir = write_tiny_data(tmp_path / "data")
+    report = run_notebook(NOTEBOOK, PROFILE="smoke", DATA_DIR=data_dir,
+                          TARGET_DOMAIN=target_domain, NUM_THREADS=1)
+    results = json.loads((report / "results" / f"part2_smoke_{target_domain}.json").read_text())
+    for key in ("notebook", "profile", "target_domain", "device", "hardware", "versions",
+                "date", "settings", "wall_time_s", "headline", "metrics"):
+        assert key in results, key
+    assert results["profile"] == "smoke"
+    assert results["target_domain"] == target_domain
+    assert results["settings"]["TARGET_DOMAIN"] == target_domain
+    for direction in ("G", "F"):
+        for label in ("11class", "2class"):
+            value = results["headline"][f"class_preservation_{direction}_{label}"]
+            assert 0.0 <= value <= 1.0
+    run = results["metrics"]["cyclegan_11class"]
+    assert sum(map(sum, run["confusion_G"])) == 60  # every MNIST test image, once
+    target_test = 60 if target_domain == "svhn" else results["settings"]["SYNTHETIC_TEST_SIZE"]
+    assert sum(map(sum, run["confusion_F"])) == target_test
+    assert run["iterations"] == results["settings"]["GAN_STEPS"]
+    assert run["cycle_error_mnist"] > 0
+    figures = report / "figures"
+    for name in ("data_examples", "losses_11class", "samples_from_mnist_11class",
+                 "samples_from_target_11class", "losses_2class", "samples_from_mnist_2class",
+                 "samples_from_target_2class", "confusion", "class_preservation"):
+        stem = figures / f"part2_smoke_{target_domain}_{name}"
+        assert stem.with_suffix(".pdf").exists(), name
+        assert nonblank_png(stem.with_suffix(".png")), name
+    executed = nbformat.read(report / "executed" / NOTEBOOK, as_version=4)
+    outputs = "".join(output.get("text", "") for cell in executed.cells
+                      if cell.cell_type == "code" for output in cell.get("outputs", []))
+    assert f"target domain {target_domain}" in outputs
