@@ -682,3 +682,23 @@ def test_notebook_smoke_end_to_end(run_notebook, tmp_path, target_domain):
     outputs = "".join(output.get("text", "") for cell in executed.cells
                       if cell.cell_type == "code" for output in cell.get("outputs", []))
     assert f"target domain {target_domain}" in outputs
+
+
+def test_channels_last_matches_default_layout(nb):
+    """The channels-last speed path computes the same losses and weights as the default layout."""
+    m_batch, s_batch = batches(seed=3)
+    results = []
+    for channels_last in (False, True):
+        gan = nb.build_cyclegan(4, 4, 11, 1e-3, 0.5, "cpu", channels_last, 0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        m_data, s_data = (x.contiguous(memory_format=fmt) for x in (m_batch[0], s_batch[0]))
+        losses = [nb.train_iteration(gan, (m_data, m_batch[1]), (s_data, s_batch[1])) for _ in range(2)]
+        results.append((losses, {name: net.state_dict() for name, net in gan.networks().items()}))
+    (losses_default, weights_default), (losses_last, weights_last) = results
+    for step, (default, last) in enumerate(zip(losses_default, losses_last)):
+        for name in default:
+            assert last[name] == pytest.approx(default[name], rel=1e-4, abs=1e-5), f"{name} at step {step}"
+    for network, state in weights_default.items():
+        for key, value in state.items():
+            torch.testing.assert_close(weights_last[network][key], value, rtol=1e-3, atol=1e-4,
+                                       msg=f"{network}.{key}")

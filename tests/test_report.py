@@ -1,0 +1,53 @@
+"""The report: numbers equal the results files, figures exist and come from the notebooks."""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib.image
+import pytest
+
+from tools import make_report
+
+FIGURE_LINK = re.compile(r"!\[[^\]]*\]\((figures/[^)]+)\)")
+
+
+def saved_figure_names(notebook_text):
+    """Names passed to the notebooks' save_figure(fig, "name") calls."""
+    return set(re.findall(r'save_figure\(\s*fig,\s*(?:f?\\?")([a-z0-9_{}]+)\\?"', notebook_text))
+
+
+def test_report_is_rendered_from_results(repo_root):
+    report_dir = repo_root / "report"
+    rendered = make_report.render((report_dir / "REPORT.template.md").read_text(), report_dir / "results")
+    assert (report_dir / "REPORT.md").read_text() == rendered, \
+        "REPORT.md differs from the template rendered with the results: run python -m tools.make_report"
+
+
+def test_report_figures_exist_and_are_not_blank(repo_root):
+    report_dir = repo_root / "report"
+    links = FIGURE_LINK.findall((report_dir / "REPORT.md").read_text())
+    assert links, "the report embeds no figures"
+    names = saved_figure_names((repo_root / "part1_lstm.ipynb").read_text())
+    names |= saved_figure_names((repo_root / "part2_cyclegan.ipynb").read_text())
+    for link in links:
+        path = report_dir / link
+        assert path.is_file(), f"{link} is embedded but missing"
+        image = matplotlib.image.imread(path)
+        assert image.std() > 0.01, f"{link} is blank"
+        assert path.stem.startswith(("part1_", "part2_")), f"{link} is not named by a notebook"
+        assert any(path.stem.endswith("_" + name) for name in names), f"{link} is not a figure the notebooks save"
+
+
+def test_placeholder_lookup_and_errors(tmp_path):
+    (tmp_path / "part1_cpu.json").write_text('{"a": {"b": [1.23456, 2]}, "t": "| x |"}')
+    text = "ppl {{part1_cpu/a/b/0|.2f}}, n {{ part1_cpu/a/b/1 }}, {{part1_cpu/t}}, {{part1_cpu/a/b/0|.1%}}"
+    assert make_report.render(text, tmp_path) == "ppl 1.23, n 2, | x |, 123.5%"
+    assert make_report.render("{{part1_cpu/t|text}} <", tmp_path) == "\\| x \\| <"
+    (tmp_path / "part1_cpu.json").write_text('{"s": "said / <unk> has", "m": [[0.1, 0.9], [0.7, 0.3]]}')
+    assert make_report.render("{{part1_cpu/m|argmax}}", tmp_path) == "[1, 0]"
+    assert make_report.render("{{part1_cpu/s|text}}", tmp_path) == "said / &lt;unk&gt; has"
+    with pytest.raises(make_report.ReportError, match="a/c"):
+        make_report.render("{{part1_cpu/a/c}}", tmp_path)
+    with pytest.raises(make_report.ReportError, match="part1_full.json not found"):
+        make_report.render("{{part1_full/a}}", tmp_path)
