@@ -46,7 +46,8 @@ def test_failing_cell_names_notebook_and_keeps_copy(tmp_path):
     assert "code cell 2 of 3" in message
     assert "broken on purpose" in message
     executed = nbformat.read(output, as_version=4)
-    assert executed.cells[0].outputs == [] and executed.cells[0].execution_count == 1
+    assert executed.cells[0].execution_count == 1
+    assert executed.cells[0].outputs == []
     assert executed.cells[2].outputs[0]["ename"] == "ValueError"
     assert executed.cells[3].execution_count is None, "cells after the failure do not run"
 

@@ -103,7 +103,7 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
 
 
 def _summary_lines(report_dir: Path, started_by_notebook: dict[str, float]) -> list[str]:
-    """One line per notebook from the newest results file it wrote during this run."""
+    """Build one summary line per notebook from the newest results file it wrote during this run."""
     lines = []
     for name, started in started_by_notebook.items():
         part = name.split("_")[0]
