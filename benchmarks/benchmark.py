@@ -241,7 +241,8 @@ def markdown_table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["lstm", "cyclegan"], help="run only these cases")
+    parser.add_argument("--only", choices=["lstm", "cyclegan"],
+                        help="run only the language-model cases or only the CycleGAN cases")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per case (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON

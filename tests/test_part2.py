@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import urllib.error
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import nbformat
@@ -378,6 +379,19 @@ def test_svhn_missing_offline_names_files_and_fallback(nb, tmp_path, monkeypatch
     assert "train_32x32.mat" in message
     assert str(tmp_path / "svhn") in message
     assert "TARGET_DOMAIN='synthetic'" in message
+    assert "--set TARGET_DOMAIN=synthetic" in message
+
+
+def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
+    def partial_then_offline(url, root, filename, md5):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(b"partial")
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", partial_then_offline)
+    with pytest.raises(FileNotFoundError):
+        nb.load_svhn(tmp_path)
+    assert not (tmp_path / "svhn").exists(), "a failed download must not leave files in DATA_DIR"
 
 
 def test_mnist_normalised_background_is_minus_one(nb, tmp_path):

@@ -25,6 +25,7 @@ def test_run_command_executes_both_notebooks(tmp_path, capsys):
         assert (report / "executed" / name.replace(".ipynb", ".smoke.ipynb")).is_file()
         assert f"{name}: profile smoke" in output, "the summary names each notebook"
     assert "cell 1/" in output, "progress names the cell"
+    assert "target domain svhn" in output, "the summary names part 2's target domain"
     part1 = json.loads((report / "results" / "part1_smoke.json").read_text())
     assert part1["profile"] == "smoke"
     part2_files = list((report / "results").glob("part2_smoke_*.json"))
@@ -44,7 +45,9 @@ def test_failing_cell_names_notebook_and_keeps_copy(tmp_path):
     message = str(error.value)
     assert "broken.ipynb" in message
     assert "code cell 2 of 3" in message
-    assert "broken on purpose" in message
+    assert "failed with ValueError: broken on purpose" in message
+    assert "cell 3 of 4 counting markdown" in message
+    assert "\x1b[" not in message, "the traceback is free of terminal colour codes"
     executed = nbformat.read(output, as_version=4)
     assert executed.cells[0].execution_count == 1
     assert executed.cells[0].outputs == []
@@ -56,3 +59,16 @@ def test_invalid_set_option_is_rejected(capsys):
     with pytest.raises(SystemExit):
         run_notebooks.main(["--set", "NOVALUE"])
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def test_unknown_setting_name_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--set", "TARGET_DOMIAN=synthetic"])
+    message = capsys.readouterr().err
+    assert "TARGET_DOMIAN" in message
+    assert "TARGET_DOMAIN" in message, "the error lists the valid settings"
+
+
+def test_setting_names_come_from_parameters_cell(repo_root):
+    assert {"PROFILE", "DATA_DIR", "SEED", "HIDDEN_SIZE"} <= run_notebooks.setting_names(repo_root / "part1_lstm.ipynb")
+    assert {"TARGET_DOMAIN", "CYCLE_WEIGHT"} <= run_notebooks.setting_names(repo_root / "part2_cyclegan.ipynb")

@@ -79,12 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that REPORT.md is up to date")
     args = parser.parse_args(argv)
     report_dir = Path(args.report_dir)
-    rendered = render((report_dir / "REPORT.template.md").read_text(), report_dir / "results")
+    template = report_dir / "REPORT.template.md"
+    if not template.is_file():
+        print(f"template {template} not found: pass --report-dir a folder with REPORT.template.md",
+              file=sys.stderr)
+        return 2
+    try:
+        rendered = render(template.read_text(), report_dir / "results")
+    except ReportError as error:
+        print(f"cannot render {template}: {error}", file=sys.stderr)
+        return 2
     target = report_dir / "REPORT.md"
     if args.check:
         if not target.is_file() or target.read_text() != rendered:
             print(f"{target} is out of date: run python -m tools.make_report", file=sys.stderr)
             return 1
+        print(f"{target} is up to date with the results files")
         return 0
     target.write_text(rendered)
     print(f"wrote {target}")

@@ -11,8 +11,10 @@ also when a cell fails, so the failing output can be inspected.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,9 +23,12 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from tools.nbdefs import PARAMETERS_TAG, tagged_cells
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("part1_lstm.ipynb", "part2_cyclegan.ipynb")
 PROFILES = ("auto", "smoke", "cpu", "full")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class NotebookFailed(RuntimeError):
@@ -87,9 +92,11 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                 try:
                     client.execute_cell(cell, index)
                 except CellExecutionError as error:
+                    traceback = ANSI_ESCAPE.sub("", str(error))
                     failure = NotebookFailed(
                         f"{notebook_path.name}: code cell {number} of {len(code_cells)} "
-                        f"(notebook cell {index}, '{_cell_title(cell)}') failed:\n{error}")
+                        f"(cell {index + 1} of {len(notebook.cells)} counting markdown, "
+                        f"'{_cell_title(cell)}') failed with {error.ename}: {error.evalue}\n\n{traceback}")
                     break
     finally:
         output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +104,7 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     if failure is not None:
         log(f"[{notebook_path.name}] executed copy kept for inspection: {output_path}")
         raise failure
-    log(f"[{notebook_path.name}] done in {time.monotonic() - start:.1f}s; "
+    log(f"[{notebook_path.name}] done in {time.monotonic() - start:.1f}s including the kernel start; "
         f"executed copy: {output_path}", flush=True)
     return notebook
 
@@ -114,9 +121,21 @@ def _summary_lines(report_dir: Path, started_by_notebook: dict[str, float]) -> l
         newest = max(fresh, key=lambda path: path.stat().st_mtime)
         results = json.loads(newest.read_text())
         headline = ", ".join(f"{key} {value}" for key, value in results.get("headline", {}).items())
-        lines.append(f"{name}: profile {results.get('profile')}, device {results.get('device')}, "
-                     f"wall time {results.get('wall_time_s', float('nan')):.0f} s; {headline} ({newest})")
+        target = f", target domain {results['target_domain']}" if "target_domain" in results else ""
+        lines.append(f"{name}: profile {results.get('profile')}{target}, device {results.get('device')}, "
+                     f"{results.get('wall_time_s', float('nan')):.0f} s from the settings cell to the results; "
+                     f"{headline} ({newest})")
     return lines
+
+
+def setting_names(notebook_path: Path) -> set[str]:
+    """Return the names assigned in a notebook's parameters cell, the settings it accepts."""
+    source = next(text for tag, text in tagged_cells(notebook_path) if tag == PARAMETERS_TAG)
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,23 +161,34 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r} is not NAME=VALUE; write e.g. --set SEED=1")
         env[name] = value
 
-    started = {}
+    paths = []
     for name in args.notebooks:
         path = (REPO_ROOT / name) if not Path(name).exists() else Path(name)
         if not path.exists():
             parser.error(f"notebook {name!r} not found; choose from {', '.join(NOTEBOOKS)}")
+        paths.append(path)
+    known = set().union(*(setting_names(path) for path in paths))
+    for item in args.set:
+        name = item.partition("=")[0]
+        if name not in known:
+            parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
+                         f"settings are {', '.join(sorted(known - {'PROFILE_SETTINGS'}))}")
+
+    started, status = {}, 0
+    for path in paths:
         started[path.name] = time.time()
         output = report_dir / "executed" / f"{path.stem}.{args.profile}.ipynb"
         try:
             execute_notebook(path, output, env=env)
         except NotebookFailed as error:
             print(f"\nFAILED: {error}", file=sys.stderr)
-            return 1
+            status = 1
+            break
 
     print("\nSummary")
     for line in _summary_lines(report_dir, started):
         print("  " + line)
-    return 0
+    return status
 
 
 if __name__ == "__main__":
