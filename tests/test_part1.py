@@ -288,6 +288,16 @@ def test_read_words_appends_eos(part1, tmp_path):
     assert part1.read_words(path) == ["a", "b", "<eos>", "c", "<eos>"]
 
 
+@pytest.mark.parametrize("content", [b"", b"\x9c\x80 binary \xff\n"])
+def test_read_words_rejects_empty_or_binary_file(part1, tmp_path, content):
+    path = tmp_path / "ptb.valid.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        part1.read_words(path)
+    assert str(path) in str(error.value)
+    assert "downloaded again" in str(error.value)
+
+
 def test_window_batcher_shifts_and_partial_batch(part1):
     ids = torch.arange(200)
     batcher = part1.WindowBatcher(ids, window=7, batch_size=6, seed=3)
@@ -329,10 +339,18 @@ def test_environment_overrides_settings(repo_root, tmp_path):
     assert module.HIDDEN_SIZE == 48
     assert module.FORCE_RETRAIN is True
     assert module.VALID_TOKENS_DURING_TRAINING == 123
+    everything = load_definitions(repo_root / NOTEBOOK, module_name="part1_env_all",
+                                  env={"PROFILE": "smoke", "VALID_TOKENS_DURING_TRAINING": "0",
+                                       "REPORT_DIR": str(tmp_path)})
+    assert everything.VALID_TOKENS_DURING_TRAINING == 0, "0 selects the whole validation split"
     assert module.EMBED_SIZE == module.PROFILE_SETTINGS["smoke"]["EMBED_SIZE"]
 
 
-@pytest.mark.parametrize("name, value", [("HIDDEN_SIZE", "abc"), ("FORCE_RETRAIN", "maybe"), ("PROFILE", "huge")])
+@pytest.mark.parametrize("name, value", [
+    ("HIDDEN_SIZE", "abc"), ("FORCE_RETRAIN", "maybe"), ("PROFILE", "huge"), ("HIDDEN_SIZE", "0"),
+    ("WINDOW", "-3"), ("BATCH_SIZE", "0"), ("EVAL_EVERY", "0"), ("TRAIN_STEPS", "-5"), ("DROPOUT", "1.5"),
+    ("GRAD_CLIP", "-1"), ("LEARNING_RATE", "nan"), ("SEED", "-1"), ("NUM_THREADS", "-2"),
+    ("VALID_TOKENS_DURING_TRAINING", "-5")])
 def test_invalid_setting_names_value(repo_root, tmp_path, name, value):
     env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path), name: value}
     with pytest.raises(ValueError) as error:
@@ -394,7 +412,47 @@ def test_checkpoint_with_other_settings_is_rejected(part1, tmp_path):
         run_training(part1, tmp_path / "model.pt", train_settings(part1, HIDDEN_SIZE=7))
     assert (tmp_path / "model.pt").exists(), "the old checkpoint is kept"
     run_training(part1, tmp_path / "model.pt", train_settings(part1, HIDDEN_SIZE=7, FORCE_RETRAIN=True))
-    assert (tmp_path / "model.pt.old").exists(), "FORCE_RETRAIN keeps the replaced checkpoint"
+    assert len(list(tmp_path.glob("model.pt.*.old"))) == 1, "FORCE_RETRAIN keeps the replaced checkpoint"
+
+
+def test_repeated_force_retrain_keeps_every_backup(part1, tmp_path):
+    run_training(part1, tmp_path / "model.pt", train_settings(part1))
+    first = (tmp_path / "model.pt").read_bytes()
+    for learning_rate in (1e-2, 2e-2):
+        run_training(part1, tmp_path / "model.pt", train_settings(part1, LEARNING_RATE=learning_rate,
+                                                                   FORCE_RETRAIN=True))
+    backups = sorted(tmp_path.glob("model.pt.*.old"))
+    assert len(backups) == 2
+    assert any(path.read_bytes() == first for path in backups), "the first finished run is still there"
+
+
+def test_checkpoint_from_other_data_is_rejected(part1, tmp_path):
+    settings = train_settings(part1)
+    torch.manual_seed(0)
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
+    valid = torch.randint(17, (40,))
+    part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
+                      data_fingerprint={"train_sha256": "aa", "vocabulary": 17})
+    with pytest.raises(ValueError, match="other data") as error:
+        part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
+                          data_fingerprint={"train_sha256": "bb", "vocabulary": 17})
+    assert "DATA_DIR" in str(error.value)
+    assert "FORCE_RETRAIN" in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_unreadable_checkpoint_names_file_and_fix(part1, tmp_path, content):
+    path = tmp_path / "model.pt"
+    if content is None:
+        run_training(part1, path, train_settings(part1))
+        content = path.read_bytes()[:len(path.read_bytes()) // 2]      # a truncated file
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        run_training(part1, path, train_settings(part1))
+    assert str(path) in str(error.value)
+    assert "FORCE_RETRAIN" in str(error.value)
+    assert path.read_bytes() == content, "the unreadable file is left for inspection"
 
 
 def test_nan_loss_stops_with_model_and_step(part1, tmp_path):
