@@ -129,6 +129,18 @@ def test_invalid_setting_raises(nb):
         nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {"TARGET_DOMAIN": "mnist"}, False)
 
 
+@pytest.mark.parametrize("name, value", [
+    ("GAN_STEPS", "0"), ("BATCH_SIZE", "-4"), ("LR_DECAY_START", "nan"), ("LR_DECAY_START", "1.5"),
+    ("TRAIN_LIMIT", "-5"), ("CYCLE_WEIGHT", "-10"), ("BETA1", "1.5"), ("LEARNING_RATE", "0"),
+    ("SAMPLE_EVERY", "0"), ("SEED", "-1"), ("NUM_THREADS", "-2")])
+def test_out_of_range_setting_raises(nb, name, value):
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    with pytest.raises(ValueError) as error:
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {name: value}, False)
+    assert f"{name}=" in str(error.value)
+    assert "is invalid" in str(error.value)
+
+
 def test_auto_profile_follows_cuda(nb):
     defaults = {name: nb.SETTINGS[name] for name in nb.SETTING_NAMES}
     defaults.update(PROFILE="auto", GAN_STEPS=None)
@@ -568,6 +580,50 @@ def test_force_retrain_ignores_checkpoint(tiny_run, monkeypatch):
     assert len(calls) == 4
 
 
+def test_force_retrain_keeps_every_backup(tiny_run, monkeypatch, tmp_path):
+    tiny_run.train_cyclegan("run", 11, 2)
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    first = checkpoint.read_bytes()
+    monkeypatch.setattr(tiny_run, "FORCE_RETRAIN", True)
+    tiny_run.train_cyclegan("run", 11, 2)
+    tiny_run.train_cyclegan("run", 11, 2)
+    backups = list(tiny_run.RUN_CHECKPOINT_DIR.glob("cyclegan_run.pt.*.old"))
+    assert len(backups) == 2
+    assert any(path.read_bytes() == first for path in backups)
+
+
+def test_checkpoint_with_other_settings_is_kept_and_rejected(tiny_run, monkeypatch):
+    tiny_run.train_cyclegan("run", 11, 2)
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    saved = checkpoint.read_bytes()
+    monkeypatch.setitem(tiny_run.SETTINGS, "CYCLE_WEIGHT", 5.0)
+    with pytest.raises(ValueError, match="CYCLE_WEIGHT") as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert "FORCE_RETRAIN" in str(error.value)
+    assert checkpoint.read_bytes() == saved, "finished work is not overwritten"
+
+
+def test_checkpoint_from_other_data_is_rejected(tiny_run):
+    tiny_run.train_cyclegan("run", 11, 2)
+    images = tiny_run.mnist.train_images.clone()
+    images[0] = 255 - images[0]
+    tiny_run.mnist = tiny_run.DigitDomain("mnist", images, tiny_run.mnist.train_labels,
+                                          tiny_run.mnist.test_images, tiny_run.mnist.test_labels)
+    with pytest.raises(ValueError, match="data"):
+        tiny_run.train_cyclegan("run", 11, 2)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+def test_unreadable_checkpoint_names_file(tiny_run, content):
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert str(checkpoint) in str(error.value)
+    assert "FORCE_RETRAIN" in str(error.value)
+
+
 def test_nan_loss_stops_with_message(tiny_run, monkeypatch):
     monkeypatch.setattr(tiny_run, "train_iteration",
                         lambda *args: {"D_ms": 1.0, "D_sm": float("nan"), "G_msm": 1.0,
@@ -716,3 +772,43 @@ def test_channels_last_matches_default_layout(nb):
         for key, value in state.items():
             torch.testing.assert_close(weights_last[network][key], value, rtol=1e-3, atol=1e-4,
                                        msg=f"{network}.{key}")
+
+
+@pytest.mark.parametrize("case", ["no X", "28x28 images", "more labels", "garbage", "float images"])
+def test_malformed_svhn_file_names_file_and_fix(nb, tmp_path, case):
+    path = tmp_path / "svhn" / "train_32x32.mat"
+    path.parent.mkdir(parents=True)
+    images = np.zeros((32, 32, 3, 4), dtype=np.uint8)
+    labels = np.array([[1], [2], [3], [10]], dtype=np.uint8)
+    if case == "no X":
+        scipy.io.savemat(path, {"y": labels})
+    elif case == "28x28 images":
+        scipy.io.savemat(path, {"X": np.zeros((28, 28, 3, 4), dtype=np.uint8), "y": labels})
+    elif case == "more labels":
+        scipy.io.savemat(path, {"X": images, "y": np.ones((5, 1), dtype=np.uint8)})
+    elif case == "float images":
+        scipy.io.savemat(path, {"X": images.astype(np.float64), "y": labels})
+    else:
+        path.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(path) in str(error.value)
+    assert "download it again" in str(error.value)
+
+
+def test_truncated_mnist_is_not_reported_missing(nb, tmp_path):
+    write_tiny_data(tmp_path, train=12, test=6)
+    images = tmp_path / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path)
+    assert "not valid idx files" in str(error.value)
+    assert "MNIST" in str(error.value)
+
+
+def test_mnist_labels_outside_digits_rejected(nb, tmp_path):
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    write_mnist_idx(raw, "train", np.zeros((12, 28, 28), dtype=np.uint8), np.full(12, 205))
+    with pytest.raises(ValueError, match="must be 0-9"):
+        nb.load_mnist(tmp_path)

@@ -69,6 +69,12 @@ def test_unknown_setting_name_is_rejected(capsys):
     assert "TARGET_DOMAIN" in message, "the error lists the valid settings"
 
 
+def test_set_rejects_settings_with_own_option(capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--set", "PROFILE=full"])
+    assert "--profile" in capsys.readouterr().err
+
+
 def test_setting_names_come_from_parameters_cell(repo_root):
     assert {"PROFILE", "DATA_DIR", "SEED", "HIDDEN_SIZE"} <= run_notebooks.setting_names(repo_root / "part1_lstm.ipynb")
     assert {"TARGET_DOMAIN", "CYCLE_WEIGHT"} <= run_notebooks.setting_names(repo_root / "part2_cyclegan.ipynb")

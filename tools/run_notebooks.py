@@ -21,7 +21,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, DeadKernelError
 
 from tools.nbdefs import PARAMETERS_TAG, tagged_cells
 
@@ -98,9 +98,18 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                         f"(cell {index + 1} of {len(notebook.cells)} counting markdown, "
                         f"'{_cell_title(cell)}') failed with {error.ename}: {error.evalue}\n\n{traceback}")
                     break
+                except DeadKernelError as error:
+                    failure = NotebookFailed(
+                        f"{notebook_path.name}: the kernel died in code cell {number} of {len(code_cells)} "
+                        f"('{_cell_title(cell)}'): {error}. It may have run out of memory or been killed. "
+                        f"Checkpoints written so far are kept: run the same command again to resume.")
+                    break
     finally:
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(notebook, output_path)
+        try:
+            output_path.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(notebook, output_path)
+        except OSError as error:
+            log(f"[{notebook_path.name}] could not write the executed copy to {output_path}: {error}")
     if failure is not None:
         log(f"[{notebook_path.name}] executed copy kept for inspection: {output_path}")
         raise failure
@@ -168,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"notebook {name!r} not found; choose from {', '.join(NOTEBOOKS)}")
         paths.append(path)
     known = set().union(*(setting_names(path) for path in paths))
+    options = {"PROFILE": "--profile", "DATA_DIR": "--data-dir", "REPORT_DIR": "--report-dir"}
     for item in args.set:
         name = item.partition("=")[0]
+        if name in options:
+            parser.error(f"--set {name}: use {options[name]} for this setting")
         if name not in known:
             parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
                          f"settings are {', '.join(sorted(known - {'PROFILE_SETTINGS'}))}")
