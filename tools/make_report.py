@@ -7,11 +7,11 @@ value in a results file:
 
 is the value at that path in report/results/part1_cpu.json, formatted with
 Python's format spec ``.1f`` (``.1%`` gives a percentage). Without ``|spec``
-the value is inserted as it is (strings, such as a ready-made table); ``|text``
-escapes ``<``, ``>`` and ``|`` so that text such as ``<unk>`` shows in
-Markdown, also inside a table; ``|argmax`` turns a matrix (a list of rows) into
-the index of each row's largest entry, e.g. the digit read most often per
-source digit of a confusion matrix.
+the value is inserted as it is (strings, such as a ready-made table). ``|text``
+escapes ``<``, ``>`` and ``|``, so that text such as ``<unk>`` shows in
+Markdown, also inside a table. ``|argmax`` turns a matrix (a list of rows) into
+the index of each row's largest entry, for example the digit read most often
+per source digit of a confusion matrix.
 
     python -m tools.make_report            # write report/REPORT.md
     python -m tools.make_report --check    # exit 1 if REPORT.md is out of date

@@ -1,8 +1,8 @@
 """Load a notebook's definitions as a Python module, for tests and benchmarks.
 
-Each notebook has one code cell tagged ``parameters`` (every setting, as
-plain literals) and code cells tagged ``definitions`` (imports, classes and
-functions; they train and download nothing). This module executes exactly
+Each notebook has one code cell tagged ``parameters``, with every setting as a
+plain literal, and code cells tagged ``definitions``, with imports, classes and
+functions. The definitions train and download nothing. This module executes exactly
 those cells, in notebook order, in a fresh module, and nothing else:
 
     from tools.nbdefs import load_definitions
