@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -136,6 +138,144 @@ def test_lstm_recurrence_gradcheck(part1):
             torch.randn(4 * hidden, hidden, dtype=torch.double, requires_grad=True),
             torch.randn(4 * hidden, dtype=torch.double, requires_grad=True)]
     assert torch.autograd.gradcheck(part1.LSTMRecurrence.apply, args)
+
+
+# ---------------------------------------------------------------- the CPU speed paths
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@pytest.fixture
+def onednn(part1):
+    """Switch ONEDNN_MATMUL on for one test and restore the setting after it."""
+    saved = part1.ONEDNN_MATMUL
+    part1.ONEDNN_MATMUL = True
+    yield part1
+    part1.ONEDNN_MATMUL = saved
+
+
+@needs_onednn
+def test_onednn_linear_matches_nn_linear(onednn):
+    part1 = onednn
+    torch.manual_seed(3)
+    layer = part1.OneDNNLinear(24, 40)
+    reference = nn.Linear(24, 40)
+    reference.load_state_dict(layer.state_dict())            # same parameters, same state_dict keys
+    x = torch.randn(5, 7, 24)                                 # a (B, T, in) input, as the models use
+    grad_y = torch.randn(5, 7, 40)
+    results = []
+    for module in (layer, reference):
+        x_copy = x.clone().requires_grad_()
+        y = module(x_copy)
+        grads = torch.autograd.grad(y, [x_copy, module.weight, module.bias], grad_y)
+        results.append((y, *grads))
+    assert results[0][0].grad_fn.name() == "OneDNNLinearFunctionBackward", "the oneDNN path was not taken"
+    for name, mine, expected in zip(("output", "input grad", "weight grad", "bias grad"), results[0], results[1]):
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5, msg=name)
+    assert results[0][2].is_contiguous(), "the weight gradient must have the weight's layout"
+
+
+def test_onednn_linear_falls_back_exactly(part1):
+    """Float64, or ONEDNN_MATMUL off, runs nn.Linear's own kernel: bit-identical outputs."""
+    torch.manual_seed(4)
+    layer = part1.OneDNNLinear(6, 9)
+    reference = nn.Linear(6, 9)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 6)
+    saved = part1.ONEDNN_MATMUL
+    try:
+        part1.ONEDNN_MATMUL = False
+        assert torch.equal(layer(x), reference(x))
+    finally:
+        part1.ONEDNN_MATMUL = saved
+    assert torch.equal(layer.double()(x.double()), reference.double()(x.double()))
+
+
+@needs_onednn
+@pytest.mark.parametrize("packed", [False, True])
+def test_linear_helper_with_bias_add_and_packed_weight(onednn, packed):
+    part1 = onednn
+    torch.manual_seed(5)
+    x, weight, bias, add = torch.randn(8, 12), torch.randn(20, 12), torch.randn(20), torch.randn(8, 20)
+    used = part1.prepack(weight, batch_size=8) if packed else weight
+    assert used.is_mkldnn == packed
+    expected = x.double() @ weight.double().t() + bias.double() + add.double()
+    torch.testing.assert_close(part1.linear(x, used, bias, add).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part1.linear(x, used).double(), x.double() @ weight.double().t(),
+                               rtol=1e-5, atol=1e-5)
+    # A transposed weight (the recurrence's backward pass reads W_hh^T this way) without a copy.
+    torch.testing.assert_close(part1.linear(add, weight.t()).double(), add.double() @ weight.double(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att", "TorchLSTM"])
+def test_speed_paths_match_plain_float32(onednn, name):
+    """The notebook's default float32 path (oneDNN, fused recurrence) against the plain loop without oneDNN."""
+    part1 = onednn
+    x = torch.randint(50, (6, 11))
+    weights = torch.randn(6, 11, 50)
+    results = []
+    for speed in (True, False):
+        part1.ONEDNN_MATMUL = speed
+        torch.manual_seed(0)
+        model = part1.MODEL_CLASSES[name](50, 16, 24, 0.0)
+        if hasattr(model, "fused"):
+            model.fused = speed
+        logits = model.forward_all(x)
+        loss = (logits * weights).sum() + model(x).pow(2).sum()
+        results.append((logits, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for (param_name, _), fast, plain in zip(model.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5, msg=f"gradient of {param_name}")
+
+
+def test_fused_adam_matches_plain_adam(part1):
+    results = []
+    for fused in (True, False):
+        saved = part1.FUSED_ADAM
+        part1.FUSED_ADAM = fused
+        try:
+            model = tiny_model(part1, "MyLSTM").float()
+            optimizer = part1.make_optimizer(model, 1e-2)
+        finally:
+            part1.FUSED_ADAM = saved
+        assert optimizer.defaults["fused"] is fused
+        x = torch.randint(13, (4, 9))
+        for _ in range(3):
+            optimizer.zero_grad()
+            model.forward_all(x).logsumexp(-1).mean().backward()
+            optimizer.step()
+        results.append([parameter.detach().clone() for parameter in model.parameters()])
+    for fused_value, plain_value in zip(*results):
+        torch.testing.assert_close(fused_value, plain_value, rtol=1e-5, atol=1e-6)
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from tools.nbdefs import load_definitions
+part1 = load_definitions("part1_lstm.ipynb", env={"PROFILE": "smoke", "KEEP_FREED_MEMORY": sys.argv[1]})
+torch.ones(2**24).sum()                                   # a 64 MiB tensor, allocated, touched and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(2**24).sum()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator is Linux only")
+def test_keep_freed_memory_stops_repeated_page_faults(repo_root):
+    """With KEEP_FREED_MEMORY a freed large tensor's pages are reused; without it each one faults again."""
+    faults = {}
+    for setting in ("1", "0"):
+        completed = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, setting], cwd=repo_root,
+                                   capture_output=True, text=True, check=True)
+        faults[setting] = int(completed.stdout.split()[-1])
+    tensor_pages = 2**26 // 4096                              # one 64 MiB tensor in 4 KiB pages
+    assert faults["0"] > 4.5 * tensor_pages, faults           # the default: all five fault every page again
+    # Kept memory: at most one of the five faults in (the heap may grow once past what the first
+    # freed block left behind), the others reuse pages already mapped.
+    assert faults["1"] < 1.2 * tensor_pages, faults
 
 
 # ---------------------------------------------------------------- attention and the training path
