@@ -774,6 +774,50 @@ def test_channels_last_matches_default_layout(nb):
                                        msg=f"{network}.{key}")
 
 
+def test_fused_adam_matches_plain_adam(nb):
+    """FUSED_ADAM (the default) builds Adam optimisers that update like Adam's per-tensor loop."""
+    m_batch, s_batch = batches(seed=4)
+    gans, losses = [], []
+    saved = nb.FUSED_ADAM
+    try:
+        for fused in (True, False):
+            nb.FUSED_ADAM = fused
+            gan = small_gan(nb)
+            assert gan.d_optimizer.defaults["fused"] is fused and gan.g_optimizer.defaults["fused"] is fused
+            gans.append(gan)
+            losses.append([nb.train_iteration(gan, m_batch, s_batch) for _ in range(3)])
+    finally:
+        nb.FUSED_ADAM = saved
+    # Training: the same losses up to rounding. Adam makes each update about the learning rate in
+    # size whatever the gradient's, so a weight whose gradient is near zero can differ by a whole
+    # update between the two; the losses still agree, and a wrong update would change them by far more.
+    for step, (fused, plain) in enumerate(zip(*losses)):
+        for name in fused:
+            assert fused[name] == pytest.approx(plain[name], rel=1e-3, abs=1e-5), f"{name} at step {step}"
+    # The optimisers themselves, from the same start and on identical gradients: the same update.
+    try:
+        gans = []
+        for fused in (True, False):
+            nb.FUSED_ADAM = fused
+            gans.append(small_gan(nb))
+    finally:
+        nb.FUSED_ADAM = saved
+    generator = torch.Generator().manual_seed(5)
+    fused_gan, plain_gan = gans
+    for _ in range(3):
+        for fused_net, plain_net in zip(fused_gan.networks().values(), plain_gan.networks().values()):
+            for fused_param, plain_param in zip(fused_net.parameters(), plain_net.parameters()):
+                grad = torch.randn(fused_param.shape, generator=generator)
+                fused_param.grad, plain_param.grad = grad.clone(), grad.clone()
+        for gan in gans:
+            gan.d_optimizer.step()
+            gan.g_optimizer.step()
+    for (name, fused_net), plain_net in zip(fused_gan.networks().items(), plain_gan.networks().values()):
+        for (key, value), plain_value in zip(fused_net.state_dict().items(), plain_net.state_dict().values()):
+            torch.testing.assert_close(value, plain_value, rtol=1e-5, atol=1e-6, msg=lambda text, where=f"{name}.{key}":
+                                       f"{where}: {text}")
+
+
 @pytest.mark.parametrize("case", ["no X", "28x28 images", "more labels", "garbage", "float images"])
 def test_malformed_svhn_file_names_file_and_fix(nb, tmp_path, case):
     path = tmp_path / "svhn" / "train_32x32.mat"
