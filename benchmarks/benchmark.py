@@ -39,7 +39,10 @@ LSTM_SIZES = {"cpu": {"embed": 200, "hidden": 200, "batch": 64, "window": 35},
 # Modes: "fused" is the notebook's default (LSTMRecurrence), "loop" calls MyLSTMCell.step per time
 # step after one x2h matmul for the whole window, "naive" calls MyLSTMCell.forward per time step.
 LSTM_MODELS = [("TorchLSTM", "fused"), ("MyLSTM", "fused"), ("MyLSTM", "loop"), ("MyLSTM", "naive"),
-               ("MyLSTM_att", "fused"), ("MyLSTM_att", "loop"), ("MyLSTM_att", "naive")]
+               ("MyLSTM_att", "fused")]
+# The notebook's speed settings, each on by default. An ablation case turns one of them off
+# (or all of them, "-all") for MyLSTM's training path at the cpu sizes, to show what it buys.
+SPEED_SETTINGS = ("ONEDNN_MATMUL", "FUSED_ADAM", "KEEP_FREED_MEMORY")
 VOCAB_SIZE = 10_000
 
 
@@ -94,36 +97,49 @@ def naive_hidden_states(model):
     model.hidden_states = hidden_states
 
 
-def lstm_case(model_name, mode, size_name, path, repeats, warmup):
+def lstm_case(model_name, mode, size_name, path, repeats, warmup, switched_off=()):
     import torch
     from torch import nn
 
     from tools.nbdefs import load_definitions
-    part1 = load_definitions(REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+    env = {"PROFILE": "smoke", **{name: "0" for name in switched_off}}
+    part1 = load_definitions(REPO_ROOT / "part1_lstm.ipynb", env=env)
     device = part1.DEVICE
     size = LSTM_SIZES[size_name]
-    torch.manual_seed(0)
-    model = part1.MODEL_CLASSES[model_name](VOCAB_SIZE, size["embed"], size["hidden"], 0.2).to(device)
-    if hasattr(model, "fused"):
-        model.fused = mode == "fused"
-    if mode == "naive":
-        naive_hidden_states(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     inputs = torch.randint(VOCAB_SIZE, (size["batch"], size["window"]), device=device)
     targets = torch.randint(VOCAB_SIZE, (size["batch"], size["window"]), device=device)
 
-    def step():
-        if path == "training":
-            loss = nn.functional.cross_entropy(model.forward_all(inputs).flatten(0, 1), targets.flatten())
-        else:
-            loss = nn.functional.cross_entropy(model(inputs), targets[:, -1])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def build(name, fused):
+        torch.manual_seed(0)
+        model = part1.MODEL_CLASSES[name](VOCAB_SIZE, size["embed"], size["hidden"], 0.2).to(device)
+        if hasattr(model, "fused"):
+            model.fused = fused
+        return model, part1.make_optimizer(model, 1e-3)
 
+    def step_of(model, optimizer):
+        def step():
+            if path == "training":
+                loss = nn.functional.cross_entropy(model.forward_all(inputs).flatten(0, 1), targets.flatten())
+            else:
+                loss = nn.functional.cross_entropy(model(inputs), targets[:, -1])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    # FLOPs: FlopCounterMode sees plain matrix multiplies only, not oneDNN's operators nor PyTorch's
+    # fused LSTM kernel. So they are counted on the same model run as a plain loop with oneDNN off
+    # (MyLSTM's for TorchLSTM, which does the same arithmetic).
+    onednn = part1.ONEDNN_MATMUL
+    part1.ONEDNN_MATMUL = False
+    flops = count_flops(step_of(*build("MyLSTM" if model_name == "TorchLSTM" else model_name, fused=False)))
+    part1.ONEDNN_MATMUL = onednn
+
+    model, optimizer = build(model_name, fused=mode == "fused")
+    if mode == "naive":
+        naive_hidden_states(model)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    flops = count_flops(step)
-    times = timed(step, repeats, warmup, synchronize)
+    times = timed(step_of(model, optimizer), repeats, warmup, synchronize)
     return {"flops": flops, "times_s": times}
 
 
@@ -141,8 +157,9 @@ def run_case(case, repeats, warmup):
     """Run one case in this process and return its measurements."""
     kind, *rest = case.split(":")
     if kind == "lstm":
-        model_name, mode, size_name, path = rest
-        result = lstm_case(model_name, mode, size_name, path, repeats, warmup)
+        model_name, mode, size_name, path, *ablation = rest
+        switched_off = SPEED_SETTINGS if ablation == ["-all"] else [name.lstrip("-") for name in ablation]
+        result = lstm_case(model_name, mode, size_name, path, repeats, warmup, switched_off)
     elif kind == "cyclegan":
         result = cyclegan_case(rest[0], repeats, warmup)
     else:
@@ -159,6 +176,8 @@ def all_cases(only):
             for path in ("forward", "training"):
                 for model_name, mode in LSTM_MODELS:
                     cases.append(f"lstm:{model_name}:{mode}:{size_name}:{path}")
+        for name in (*SPEED_SETTINGS, "all"):
+            cases.append(f"lstm:MyLSTM:fused:cpu:training:-{name}")
     if only in (None, "cyclegan"):
         cases += ["cyclegan:cpu", "cyclegan:full"]
     return cases
@@ -175,6 +194,19 @@ def describe_machine():
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def merge_rounds(pooled, result):
+    """Pool the timed steps of one more round of a case; keep the largest peak memory.
+
+    The data share of the CycleGAN cases is the last round's.
+    """
+    if pooled is None:
+        return result
+    merged = dict(result)
+    merged["times_s"] = pooled["times_s"] + result["times_s"]
+    merged["peak_memory_mib"] = max(pooled["peak_memory_mib"], result["peak_memory_mib"])
+    return merged
 
 
 def summarise(case, result, machine_rate):
@@ -245,6 +277,8 @@ def main(argv=None):
                         help="run only the language-model cases or only the CycleGAN cases")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per case (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of every case, interleaved; the timed steps of all rounds are pooled (default 2)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     parser.add_argument("--output", help="results JSON (default benchmarks/results/<date>-<device>.json)")
     parser.add_argument("--table", metavar="JSON",
@@ -252,11 +286,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.table:
         recorded = json.loads(Path(args.table).read_text())
-        attribute_reference_flops(recorded["rows"], max(recorded["matmul_rate_flop_s"].values()))
+        if "flops_counted_on" not in recorded:   # results files written before 2026-12-04's second run
+            attribute_reference_flops(recorded["rows"], max(recorded["matmul_rate_flop_s"].values()))
         print(markdown_table(recorded["rows"]))
         return 0
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and {args.warmup}")
+    if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error(f"--repeats and --rounds must be at least 1 and --warmup at least 0, got "
+                     f"{args.repeats}, {args.rounds} and {args.warmup}")
 
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats, args.warmup)))
@@ -270,26 +306,35 @@ def main(argv=None):
     print(f"{machine['cpu']}, {machine['cpu_cores']} cores, GPU {machine['gpu']}; float32 matmul: "
           + ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items()), flush=True)
 
-    rows = []
-    for case in all_cases(args.only):
-        command = [sys.executable, "-m", "benchmarks.benchmark", "--case", case,
-                   "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-        if completed.returncode != 0:
-            print(f"{case}: failed\n{completed.stderr[-2000:]}", file=sys.stderr)
-            return 1
-        rows.append(summarise(case, json.loads(completed.stdout.strip().splitlines()[-1]), machine_rate))
-        print(f"{case:38s} {rows[-1]['median_ms']:8.1f} ms  {100 * rows[-1]['share_of_matmul_rate']:5.1f}% "
-              f"of matmul rate  {rows[-1]['peak_memory_mib']:6.0f} MiB", flush=True)
+    # Every case runs once per round, in the same order each round, so that a slow spell of a shared
+    # machine falls on all cases alike instead of on the few that ran during it.
+    cases = all_cases(args.only)
+    results = {case: None for case in cases}
+    for round_number in range(1, args.rounds + 1):
+        for case in cases:
+            command = [sys.executable, "-m", "benchmarks.benchmark", "--case", case,
+                       "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+            completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+            if completed.returncode != 0:
+                print(f"{case}: failed\n{completed.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            result = json.loads(completed.stdout.strip().splitlines()[-1])
+            results[case] = merge_rounds(results[case], result)
+            median_ms = 1000 * statistics.median(result["times_s"])
+            print(f"round {round_number}/{args.rounds} {case:44s} {median_ms:8.1f} ms "
+                  f"{result['peak_memory_mib']:6.0f} MiB", flush=True)
+    rows = [summarise(case, result, machine_rate) for case, result in results.items()]
 
-    attribute_reference_flops(rows, machine_rate)
     print()
     print(markdown_table(rows))
     output = Path(args.output) if args.output else (
         REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-{device.type}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"machine": machine, "matmul_rate_flop_s": rates, "repeats": args.repeats,
-                                  "warmup": args.warmup, "rows": rows}, indent=2))
+                                  "warmup": args.warmup, "rounds": args.rounds,
+                                  "flops_counted_on": "the same model run as a plain loop with oneDNN off "
+                                                      "(MyLSTM for TorchLSTM)",
+                                  "rows": rows}, indent=2))
     print(f"\nwrote {output}")
     return 0
 
