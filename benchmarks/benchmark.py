@@ -127,7 +127,7 @@ def lstm_case(model_name, mode, size_name, path, repeats, warmup, switched_off=(
             optimizer.step()
         return step
 
-    # FLOPs: FlopCounterMode sees plain matrix multiplies only, not oneDNN's operators nor PyTorch's
+    # FLOPs: FlopCounterMode counts plain matrix multiplies only, not oneDNN's operators nor PyTorch's
     # fused LSTM kernel. So they are counted on the same model run as a plain loop with oneDNN off
     # (MyLSTM's for TorchLSTM, which does the same arithmetic).
     onednn = part1.ONEDNN_MATMUL
@@ -140,7 +140,7 @@ def lstm_case(model_name, mode, size_name, path, repeats, warmup, switched_off=(
         naive_hidden_states(model)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = timed(step_of(model, optimizer), repeats, warmup, synchronize)
-    return {"flops": flops, "times_s": times}
+    return {"flops": flops, "times_s": times, "settings": {name: getattr(part1, name) for name in SPEED_SETTINGS}}
 
 
 def cyclegan_case(size_name, repeats, warmup):
@@ -216,7 +216,7 @@ def summarise(case, result, machine_rate):
            "gflop_per_step": result["flops"] / 1e9, "gflop_per_s": result["flops"] / median / 1e9,
            "share_of_matmul_rate": result["flops"] / median / machine_rate,
            "peak_memory_mib": result["peak_memory_mib"]}
-    for key in ("data_share", "data_ms"):
+    for key in ("data_share", "data_ms", "settings"):
         if key in result:
             row[key] = result[key]
     return row
@@ -286,7 +286,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.table:
         recorded = json.loads(Path(args.table).read_text())
-        if "flops_counted_on" not in recorded:   # results files written before 2026-12-04's second run
+        if "flops_counted_on" not in recorded:   # an older file: it counted FLOPs per case as run
             attribute_reference_flops(recorded["rows"], max(recorded["matmul_rate_flop_s"].values()))
         print(markdown_table(recorded["rows"]))
         return 0

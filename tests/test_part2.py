@@ -783,18 +783,21 @@ def test_fused_adam_matches_plain_adam(nb):
         for fused in (True, False):
             nb.FUSED_ADAM = fused
             gan = small_gan(nb)
-            assert gan.d_optimizer.defaults["fused"] is fused and gan.g_optimizer.defaults["fused"] is fused
+            assert gan.d_optimizer.defaults["fused"] is fused
+            assert gan.g_optimizer.defaults["fused"] is fused
             gans.append(gan)
             losses.append([nb.train_iteration(gan, m_batch, s_batch) for _ in range(3)])
     finally:
         nb.FUSED_ADAM = saved
+
     # Training: the same losses up to rounding. Adam makes each update about the learning rate in
-    # size whatever the gradient's, so a weight whose gradient is near zero can differ by a whole
-    # update between the two; the losses still agree, and a wrong update would change them by far more.
+    # size whatever the gradient's size. So a weight whose gradient is near zero can differ by a
+    # whole update between the two, while the losses agree far closer than a wrong update allows.
     for step, (fused, plain) in enumerate(zip(*losses)):
         for name in fused:
             assert fused[name] == pytest.approx(plain[name], rel=1e-3, abs=1e-5), f"{name} at step {step}"
-    # The optimisers themselves, from the same start and on identical gradients: the same update.
+
+    # The optimisers themselves, from the same start and on identical gradients, make the same update.
     try:
         gans = []
         for fused in (True, False):

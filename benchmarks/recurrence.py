@@ -1,0 +1,142 @@
+"""Take apart one window of the LSTM recurrence: where MyLSTM's time goes against torch.nn.LSTM's.
+
+    .venv/bin/python -m benchmarks.recurrence                # cpu and full sizes, a minute or two
+    .venv/bin/python -m benchmarks.recurrence --hidden 200   # one size
+
+All variants run in one process, interleaved round by round, so that a slow spell of a shared
+machine falls on all of them alike. Each timed call covers one window (batch 64, 35 time steps)
+with the notebook's default settings (tools/nbdefs.py loads its definitions cells). The variants:
+
+- torch.nn.LSTM, forward and backward over the window (its fused oneDNN kernel);
+- run_cell_over_window with the fused recurrence, forward and backward, x2h included;
+- the forward loop of LSTMRecurrence alone (no x2h, no gradients);
+- only the loop's matrix products: 35 times h W_hh^T + x_gates through linear(), with W_hh
+  packed once (as the loop does) and unpacked;
+- one Adam step over MyLSTM's parameters at the cpu profile's vocabulary (10,000 words), fused
+  and as PyTorch's per-tensor loop.
+
+Writes benchmarks/results/<date>-<device>-recurrence.json and prints a table of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.benchmark import describe_machine  # noqa: E402
+from tools.nbdefs import load_definitions  # noqa: E402
+
+BATCH, STEPS, VOCAB_SIZE = 64, 35, 10_000
+
+
+def variants_for(part1, hidden):
+    """Return {name: function} for one hidden size; each function runs one timed call."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(hidden, hidden, batch_first=True)
+    cell = part1.MyLSTMCell(hidden, hidden)
+    inputs = torch.randn(BATCH, STEPS, hidden, requires_grad=True)
+    grad_outputs = torch.randn(BATCH, STEPS, hidden)
+    x_gates = torch.randn(STEPS, BATCH, 4 * hidden)
+    zeros = torch.zeros(BATCH, hidden)
+    hs = torch.randn(STEPS, BATCH, hidden)
+    weight, bias = cell.h2h.weight.detach(), cell.h2h.bias.detach()
+
+    def torch_lstm():
+        reference(inputs)[0].backward(grad_outputs)
+
+    def my_lstm():
+        part1.run_cell_over_window(cell, inputs, fused=True).backward(grad_outputs)
+
+    def forward_loop():
+        with torch.no_grad():
+            part1.LSTMRecurrence.apply(x_gates, zeros, zeros, weight, bias)
+
+    def products(packed):
+        def run():
+            used = part1.prepack(weight, BATCH) if packed else weight
+            for t in range(STEPS):
+                part1.linear(hs[t], used, add=x_gates[t])
+        return run
+
+    model = part1.MyLSTM(VOCAB_SIZE, hidden, hidden, 0.0)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    adam_fused = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    adam_loop = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
+
+    return {"torch.nn.LSTM forward+backward": torch_lstm,
+            "MyLSTM recurrence forward+backward": my_lstm,
+            "LSTMRecurrence forward loop": forward_loop,
+            "35 products, W_hh packed": products(True),
+            "35 products, W_hh not packed": products(False),
+            "Adam step, fused": adam_fused.step,
+            "Adam step, per-tensor loop": adam_loop.step}
+
+
+def measure(variants, rounds, warmup):
+    for function in variants.values():
+        for _ in range(warmup):
+            function()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, function in variants.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[200, 512],
+                        help="hidden sizes (embedding size equal), default 200 512: the cpu and full profiles")
+    parser.add_argument("--rounds", type=int, default=40, help="timed calls per variant (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per variant first (default 5)")
+    parser.add_argument("--output", help="results JSON (default benchmarks/results/<date>-<device>-recurrence.json)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0 or min(args.hidden) < 1:
+        parser.error(f"--rounds and --hidden must be at least 1 and --warmup at least 0, got "
+                     f"{args.rounds}, {args.hidden} and {args.warmup}")
+
+    part1 = load_definitions(REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+    if part1.DEVICE.type != "cpu":
+        parser.error("this breakdown is for the CPU paths; run it where CUDA is not available")
+    machine = describe_machine()
+    rows = []
+    for hidden in args.hidden:
+        times = measure(variants_for(part1, hidden), args.rounds, args.warmup)
+        for name, samples in times.items():
+            rows.append({"hidden": hidden, "variant": name, "median_ms": 1000 * statistics.median(samples),
+                         "min_ms": 1000 * min(samples), "max_ms": 1000 * max(samples)})
+
+    print("| hidden | variant | median ms | min-max ms | per time step µs |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        per_step = "" if row["variant"].startswith("Adam") else f"{1000 * row['median_ms'] / STEPS:.0f}"
+        print(f"| {row['hidden']} | {row['variant']} | {row['median_ms']:.2f} | "
+              f"{row['min_ms']:.2f}-{row['max_ms']:.2f} | {per_step} |")
+    output = Path(args.output) if args.output else (
+        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-cpu-recurrence.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"machine": machine, "batch": BATCH, "steps": STEPS, "rounds": args.rounds,
+                                  "warmup": args.warmup, "settings": {name: getattr(part1, name) for name in (
+                                      "ONEDNN_MATMUL", "FUSED_ADAM", "KEEP_FREED_MEMORY")},
+                                  "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                                  "rows": rows}, indent=2))
+    print(f"\nwrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

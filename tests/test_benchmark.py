@@ -1,0 +1,71 @@
+"""The benchmark script: its cases run the notebooks' code, count the arithmetic and pool rounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import benchmark
+
+SMALL = {"embed": 6, "hidden": 8, "batch": 4, "window": 5}
+VOCAB = 50
+
+
+@pytest.fixture
+def small_sizes(monkeypatch):
+    monkeypatch.setitem(benchmark.LSTM_SIZES, "cpu", SMALL)
+    monkeypatch.setattr(benchmark, "VOCAB_SIZE", VOCAB)
+
+
+def expected_training_flops(size, vocab):
+    """Matrix-multiply FLOPs of one MyLSTM training step: x2h, h2h and the output layer at every position.
+
+    Each product costs 2*m*k*n forward and twice that backward (input and weight gradients).
+    """
+    rows = size["batch"] * size["window"]
+    four_hidden = 4 * size["hidden"]
+    forward = 2 * rows * (size["embed"] * four_hidden + size["hidden"] * four_hidden + size["hidden"] * vocab)
+    return 3 * forward
+
+
+@pytest.mark.parametrize("case", ["lstm:MyLSTM:fused:cpu:training", "lstm:TorchLSTM:fused:cpu:training"])
+def test_case_counts_all_matmul_flops(small_sizes, case):
+    """FLOPs come from the plain loop without oneDNN, which FlopCounterMode can see in full."""
+    result = benchmark.run_case(case, repeats=2, warmup=1)
+    expected = expected_training_flops(SMALL, VOCAB)
+    # The first step's h2h product multiplies h_0 = 0 and its backward through h_0 is skipped, so
+    # the count is a little below the closed form.
+    assert 0.9 * expected <= result["flops"] <= expected, (result["flops"], expected)
+    assert len(result["times_s"]) == 2
+    assert all(seconds > 0 for seconds in result["times_s"])
+
+
+def test_case_runs_with_default_speed_settings(small_sizes):
+    result = benchmark.run_case("lstm:MyLSTM:fused:cpu:forward", repeats=1, warmup=0)
+    assert result["settings"] == {name: True for name in benchmark.SPEED_SETTINGS}
+
+
+@pytest.mark.parametrize("ablation, switched_off", [
+    ("-ONEDNN_MATMUL", {"ONEDNN_MATMUL"}),
+    ("-KEEP_FREED_MEMORY", {"KEEP_FREED_MEMORY"}),
+    ("-all", set(benchmark.SPEED_SETTINGS)),
+])
+def test_ablation_case_turns_settings_off(small_sizes, ablation, switched_off):
+    result = benchmark.run_case(f"lstm:MyLSTM:fused:cpu:training:{ablation}", repeats=1, warmup=0)
+    for name in benchmark.SPEED_SETTINGS:
+        assert result["settings"][name] is (name not in switched_off), name
+
+
+def test_all_cases_include_one_ablation_per_setting():
+    cases = benchmark.all_cases("lstm")
+    for name in (*benchmark.SPEED_SETTINGS, "all"):
+        assert f"lstm:MyLSTM:fused:cpu:training:-{name}" in cases
+    assert "cyclegan:cpu" not in cases
+
+
+def test_rounds_pool_times_and_keep_peak_memory():
+    first = {"times_s": [1.0, 2.0], "peak_memory_mib": 900.0, "flops": 10}
+    second = {"times_s": [3.0], "peak_memory_mib": 800.0, "flops": 10, "data_share": 0.01}
+    pooled = benchmark.merge_rounds(benchmark.merge_rounds(None, first), second)
+    assert pooled["times_s"] == [1.0, 2.0, 3.0]
+    assert pooled["peak_memory_mib"] == 900.0
+    assert pooled["data_share"] == 0.01
