@@ -153,17 +153,39 @@ def cyclegan_case(size_name, repeats, warmup):
                                      timed=timed, torch=torch)
 
 
+def parse_lstm_case(case):
+    """Split lstm:MODEL:MODE:SIZE:PATH[:-SETTING] into its parts; raise ValueError naming a bad one."""
+    parts = case.split(":")[1:]
+    if len(parts) not in (4, 5):
+        raise ValueError(f"case {case!r} must read lstm:MODEL:MODE:SIZE:PATH or lstm:MODEL:MODE:SIZE:PATH:-SETTING, "
+                         f"e.g. lstm:MyLSTM:fused:cpu:training")
+    model_name, mode, size_name, path, *ablation = parts
+    choices = {"model": (model_name, sorted({name for name, _ in LSTM_MODELS})),
+               "mode": (mode, ["fused", "loop", "naive"]), "size": (size_name, sorted(LSTM_SIZES)),
+               "path": (path, ["forward", "training"])}
+    for what, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(f"case {case!r}: unknown {what} {value!r}, expected one of {', '.join(valid)}")
+    switched_off = []
+    if ablation:
+        name = ablation[0].removeprefix("-")
+        if not ablation[0].startswith("-") or name not in (*SPEED_SETTINGS, "all"):
+            raise ValueError(f"case {case!r}: the ablation must be -all or one of "
+                             f"{', '.join('-' + setting for setting in SPEED_SETTINGS)}")
+        switched_off = list(SPEED_SETTINGS) if name == "all" else [name]
+    return model_name, mode, size_name, path, switched_off
+
+
 def run_case(case, repeats, warmup):
     """Run one case in this process and return its measurements."""
-    kind, *rest = case.split(":")
+    kind, _, size_name = case.partition(":")
     if kind == "lstm":
-        model_name, mode, size_name, path, *ablation = rest
-        switched_off = SPEED_SETTINGS if ablation == ["-all"] else [name.lstrip("-") for name in ablation]
-        result = lstm_case(model_name, mode, size_name, path, repeats, warmup, switched_off)
-    elif kind == "cyclegan":
-        result = cyclegan_case(rest[0], repeats, warmup)
+        *spec, switched_off = parse_lstm_case(case)
+        result = lstm_case(*spec, repeats, warmup, switched_off)
+    elif kind == "cyclegan" and size_name in ("cpu", "full"):
+        result = cyclegan_case(size_name, repeats, warmup)
     else:
-        raise ValueError(f"unknown case {case!r}: expected lstm:... or cyclegan:...")
+        raise ValueError(f"unknown case {case!r}: expected lstm:MODEL:MODE:SIZE:PATH or cyclegan:cpu|full")
     # ru_maxrss is in KiB on Linux.
     result["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -271,6 +293,35 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def writable_output(parser, output):
+    """Return `output` as a Path after checking that a results file can be written there.
+
+    Checked before the run, so that a long run does not end with its results unwritable.
+    """
+    path = Path(output)
+    if path.is_dir():
+        parser.error(f"--output {output} is a folder: give a file name, e.g. {path / 'results.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output {output}: cannot create its folder ({error}); choose another path")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        parser.error(f"--output {output} is not writable; choose another path")
+    return path
+
+
+def read_results(parser, table):
+    """Load a results file of this script for --table, or exit with an error that names the file."""
+    try:
+        recorded = json.loads(Path(table).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"--table {table}: cannot read it as JSON ({type(error).__name__}: {error})")
+    if not isinstance(recorded, dict) or not {"rows", "matmul_rate_flop_s"} <= recorded.keys():
+        parser.error(f"--table {table} is not a results file of this script (it needs the keys rows and "
+                     f"matmul_rate_flop_s); benchmarks/results/<date>-<device>.json files are")
+    return recorded
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["lstm", "cyclegan"],
@@ -284,8 +335,8 @@ def main(argv=None):
     parser.add_argument("--table", metavar="JSON",
                         help="print the Markdown table of an earlier results file and exit")
     args = parser.parse_args(argv)
-    if args.table:
-        recorded = json.loads(Path(args.table).read_text())
+    if args.table is not None:
+        recorded = read_results(parser, args.table)
         if "flops_counted_on" not in recorded:   # an older file: it counted FLOPs per case as run
             attribute_reference_flops(recorded["rows"], max(recorded["matmul_rate_flop_s"].values()))
         print(markdown_table(recorded["rows"]))
@@ -295,12 +346,17 @@ def main(argv=None):
                      f"{args.repeats}, {args.rounds} and {args.warmup}")
 
     if args.case:
-        print(json.dumps(run_case(args.case, args.repeats, args.warmup)))
+        try:
+            print(json.dumps(run_case(args.case, args.repeats, args.warmup)))
+        except ValueError as error:
+            parser.error(str(error))
         return 0
 
     import torch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = describe_machine()
+    output = writable_output(parser, args.output or (
+        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-{device.type}.json"))
     rates = matmul_rate(device)
     machine_rate = max(rates.values())
     print(f"{machine['cpu']}, {machine['cpu_cores']} cores, GPU {machine['gpu']}; float32 matmul: "
@@ -325,16 +381,13 @@ def main(argv=None):
                   f"{result['peak_memory_mib']:6.0f} MiB", flush=True)
     rows = [summarise(case, result, machine_rate) for case, result in results.items()]
 
-    print()
-    print(markdown_table(rows))
-    output = Path(args.output) if args.output else (
-        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-{device.type}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"machine": machine, "matmul_rate_flop_s": rates, "repeats": args.repeats,
                                   "warmup": args.warmup, "rounds": args.rounds,
                                   "flops_counted_on": "the same model run as a plain loop with oneDNN off "
                                                       "(MyLSTM for TorchLSTM)",
                                   "rows": rows}, indent=2))
+    print()
+    print(markdown_table(rows))
     print(f"\nwrote {output}")
     return 0
 

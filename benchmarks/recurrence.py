@@ -34,7 +34,7 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.benchmark import describe_machine  # noqa: E402
+from benchmarks.benchmark import describe_machine, writable_output  # noqa: E402
 from tools.nbdefs import load_definitions  # noqa: E402
 
 BATCH, STEPS, VOCAB_SIZE = 64, 35, 10_000
@@ -113,6 +113,8 @@ def main(argv=None):
     if part1.DEVICE.type != "cpu":
         parser.error("this breakdown is for the CPU paths; run it where CUDA is not available")
     machine = describe_machine()
+    output = writable_output(parser, args.output or (
+        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-cpu-recurrence.json"))
     rows = []
     for hidden in args.hidden:
         times = measure(variants_for(part1, hidden), args.rounds, args.warmup)
@@ -126,9 +128,6 @@ def main(argv=None):
         per_step = "" if row["variant"].startswith("Adam") else f"{1000 * row['median_ms'] / STEPS:.0f}"
         print(f"| {row['hidden']} | {row['variant']} | {row['median_ms']:.2f} | "
               f"{row['min_ms']:.2f}-{row['max_ms']:.2f} | {per_step} |")
-    output = Path(args.output) if args.output else (
-        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-cpu-recurrence.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"machine": machine, "batch": BATCH, "steps": STEPS, "rounds": args.rounds,
                                   "warmup": args.warmup, "settings": {name: getattr(part1, name) for name in (
                                       "ONEDNN_MATMUL", "FUSED_ADAM", "KEEP_FREED_MEMORY")},

@@ -69,3 +69,45 @@ def test_rounds_pool_times_and_keep_peak_memory():
     assert pooled["times_s"] == [1.0, 2.0, 3.0]
     assert pooled["peak_memory_mib"] == 900.0
     assert pooled["data_share"] == 0.01
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lstm:MyLSTM:sideways:cpu:forward", "unknown mode 'sideways'"),
+    ("lstm:MyLSTM:fused:cpu:backward", "unknown path 'backward'"),
+    ("lstm:Nope:fused:cpu:forward", "unknown model 'Nope'"),
+    ("lstm:MyLSTM:fused:huge:forward", "unknown size 'huge'"),
+    ("lstm:MyLSTM:fused:cpu:training:-NOT_A_SETTING", "the ablation must be -all or one of"),
+    ("lstm:MyLSTM", "must read lstm:MODEL:MODE:SIZE:PATH"),
+    ("cyclegan", "unknown case"),
+])
+def test_malformed_case_names_the_part(case, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.run_case(case, repeats=1, warmup=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it as JSON"), ("{not json", "cannot read it as JSON"), ("[]", "not a results file"),
+    ('{"rows": []}', "not a results file"),
+])
+def test_table_of_bad_file_names_file(tmp_path, capsys, content, message):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--table", str(path)])
+    error = capsys.readouterr().err
+    assert str(path) in error
+    assert message in error
+
+
+def test_output_folder_rejected_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "matmul_rate", lambda device: pytest.fail("the run must not start"))
+    with pytest.raises(SystemExit):
+        benchmark.main(["--only", "cyclegan", "--output", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_table_prints_committed_results(repo_root, capsys):
+    assert benchmark.main(["--table", str(repo_root / "benchmarks/results/2026-12-04-cpu.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| lstm:MyLSTM:fused:cpu:training | 157.7 |" in table

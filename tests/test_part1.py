@@ -230,6 +230,82 @@ def test_speed_paths_match_plain_float32(onednn, name):
         torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5, msg=f"gradient of {param_name}")
 
 
+@needs_onednn
+def test_onednn_linear_second_derivative(onednn):
+    """A gradient penalty through OneDNNLinear gets the same second derivatives as through nn.Linear."""
+    part1 = onednn
+    torch.manual_seed(6)
+    layer = part1.OneDNNLinear(4, 3)
+    reference = nn.Linear(4, 3)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 4)
+    results = []
+    for module in (layer, reference):
+        x_copy = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(torch.tanh(module(x_copy)).pow(2).sum(), x_copy, create_graph=True)
+        results.append(torch.autograd.grad(grad_x.pow(2).sum(), [x_copy, module.weight, module.bias]))
+    for name, mine, expected in zip(("input", "weight", "bias"), *results):
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_onednn
+def test_onednn_linear_shape_errors_are_nn_linear_s(onednn):
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        onednn.OneDNNLinear(8, 5)(torch.randn(3, 7))
+
+
+@needs_onednn
+def test_onednn_linear_follows_cpu_autocast(onednn):
+    layer = onednn.OneDNNLinear(6, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 6)).dtype == torch.bfloat16
+
+
+def test_lstm_recurrence_accepts_strided_gates(part1):
+    """x_gates as a transposed view gives the same outputs and gradients as a contiguous copy."""
+    torch.manual_seed(7)
+    strided = torch.randn(3, 4, 20, dtype=torch.double).transpose(0, 1)   # (T=4, B=3, 4H=20)
+    results = []
+    for x_gates in (strided, strided.contiguous()):
+        x_gates = x_gates.detach().requires_grad_()
+        weight = torch.randn(20, 5, dtype=torch.double, requires_grad=True)
+        torch.manual_seed(8)
+        weight.data.copy_(torch.randn(20, 5, dtype=torch.double))
+        zeros = torch.zeros(3, 5, dtype=torch.double)
+        hs, _, _ = part1.LSTMRecurrence.apply(x_gates, zeros, zeros, weight, torch.zeros(20, dtype=torch.double))
+        results.append((hs, *torch.autograd.grad(hs.pow(2).sum(), [x_gates, weight])))
+    for name, strided_result, contiguous_result in zip(("hs", "x_gates grad", "weight grad"), *results):
+        torch.testing.assert_close(strided_result, contiguous_result, rtol=0, atol=1e-12, msg=name)
+
+
+def test_lstm_recurrence_second_derivative_raises(part1):
+    x_gates = torch.randn(2, 1, 8, dtype=torch.double, requires_grad=True)
+    zeros = torch.zeros(1, 2, dtype=torch.double)
+    weight = torch.randn(8, 2, dtype=torch.double)
+    hs, _, _ = part1.LSTMRecurrence.apply(x_gates, zeros, zeros, weight, torch.zeros(8, dtype=torch.double))
+    (grad,) = torch.autograd.grad(hs.pow(2).sum(), x_gates, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
+def test_resumed_optimizer_keeps_current_fused_adam(part1):
+    model = tiny_model(part1, "MyLSTM").float()
+    saved = part1.FUSED_ADAM
+    try:
+        part1.FUSED_ADAM = True
+        fused = part1.make_optimizer(model, 1e-3)
+        model.forward_all(torch.randint(13, (2, 4))).sum().backward()
+        fused.step()
+        part1.FUSED_ADAM = False
+        resumed = part1.make_optimizer(model, 1e-3)
+        part1.load_optimizer_state(resumed, fused.state_dict())
+    finally:
+        part1.FUSED_ADAM = saved
+    assert all(group["fused"] is False for group in resumed.param_groups)
+    assert len(resumed.state) == len(list(model.parameters())), "the moment estimates were not loaded"
+
+
 def test_fused_adam_matches_plain_adam(part1):
     results = []
     for fused in (True, False):
@@ -490,7 +566,8 @@ def test_environment_overrides_settings(repo_root, tmp_path):
     ("HIDDEN_SIZE", "abc"), ("FORCE_RETRAIN", "maybe"), ("PROFILE", "huge"), ("HIDDEN_SIZE", "0"),
     ("WINDOW", "-3"), ("BATCH_SIZE", "0"), ("EVAL_EVERY", "0"), ("TRAIN_STEPS", "-5"), ("DROPOUT", "1.5"),
     ("GRAD_CLIP", "-1"), ("LEARNING_RATE", "nan"), ("SEED", "-1"), ("NUM_THREADS", "-2"),
-    ("VALID_TOKENS_DURING_TRAINING", "-5")])
+    ("VALID_TOKENS_DURING_TRAINING", "-5"), ("ONEDNN_MATMUL", "none"), ("FUSED_ADAM", "none"),
+    ("KEEP_FREED_MEMORY", "2")])
 def test_invalid_setting_names_value(repo_root, tmp_path, name, value):
     env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path), name: value}
     with pytest.raises(ValueError) as error:

@@ -569,6 +569,20 @@ def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
     assert resumed.losses == reference.losses
 
 
+def test_resumed_run_keeps_current_fused_adam(tiny_run, monkeypatch):
+    """A checkpoint written with FUSED_ADAM on loads with the setting now in force."""
+    tiny_run.train_cyclegan("run", 11, 2)
+    monkeypatch.setattr(tiny_run, "FUSED_ADAM", False)
+    gan = tiny_run.build_cyclegan(4, 4, 11, tiny_run.LEARNING_RATE, tiny_run.BETA1, "cpu", False, 0)
+    streams = (tiny_run.BatchStream(tiny_run.mnist.train_images, tiny_run.mnist.train_labels, 8, 1, "cpu"),
+               tiny_run.BatchStream(tiny_run.target.train_images, tiny_run.target.train_labels, 8, 2, "cpu"))
+    step, _, finished = tiny_run.load_run(tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt", gan, streams)
+    assert (step, finished) == (4, True)
+    for optimizer in (gan.d_optimizer, gan.g_optimizer):
+        assert all(group["fused"] is False for group in optimizer.param_groups)
+        assert optimizer.state, "the moment estimates were not loaded"
+
+
 def test_force_retrain_ignores_checkpoint(tiny_run, monkeypatch):
     tiny_run.train_cyclegan("run", 11, 2)
     monkeypatch.setattr(tiny_run, "FORCE_RETRAIN", True)
