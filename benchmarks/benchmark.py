@@ -1,6 +1,6 @@
 """Benchmark the notebooks' training steps against this machine's matrix-multiply rate.
 
-    .venv/bin/python -m benchmarks.benchmark                 # everything, about 10 minutes on 2 cores
+    .venv/bin/python -m benchmarks.benchmark                 # everything, about 13 minutes on 2 cores
     .venv/bin/python -m benchmarks.benchmark --only lstm     # the language models only
     .venv/bin/python -m benchmarks.benchmark --only cyclegan --repeats 5
 

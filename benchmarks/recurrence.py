@@ -1,6 +1,6 @@
 """Take apart one window of the LSTM recurrence: where MyLSTM's time goes against torch.nn.LSTM's.
 
-    .venv/bin/python -m benchmarks.recurrence                # cpu and full sizes, a minute or two
+    .venv/bin/python -m benchmarks.recurrence                # cpu and full sizes, under a minute
     .venv/bin/python -m benchmarks.recurrence --hidden 200   # one size
 
 All variants run in one process, interleaved round by round, so that a slow spell of a shared
