@@ -203,7 +203,7 @@ def test_linear_helper_with_bias_add_and_packed_weight(onednn, packed):
     torch.testing.assert_close(part1.linear(x, used, bias, add).double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(part1.linear(x, used).double(), x.double() @ weight.double().t(),
                                rtol=1e-5, atol=1e-5)
-    # A transposed weight (the recurrence's backward pass reads W_hh^T this way) without a copy.
+    # A transposed view as the weight, which is how the recurrence's backward pass passes W_hh^T.
     torch.testing.assert_close(part1.linear(add, weight.t()).double(), add.double() @ weight.double(),
                                rtol=1e-5, atol=1e-5)
 
