@@ -9,9 +9,11 @@ with the notebook's default settings (tools/nbdefs.py loads its definitions cell
 
 - torch.nn.LSTM, forward and backward over the window (its fused oneDNN kernel);
 - run_cell_over_window with the fused recurrence, forward and backward, x2h included;
-- the forward loop of LSTMRecurrence alone (no x2h, no gradients);
+- the forward pass of LSTMRecurrence alone (x2h included, no gradients);
 - only the loop's matrix products: 35 times h W_hh^T + x_gates through linear(), with W_hh
   packed once (as the loop does) and unpacked;
+- torch.tanh on one step's cell state (64, H) against torch.sigmoid on one step's four gates
+  (64, 4H), the reason the recurrence computes tanh through sigmoid;
 - one Adam step over MyLSTM's parameters at the cpu profile's vocabulary (10,000 words), fused
   and as PyTorch's per-tensor loop.
 
@@ -51,6 +53,8 @@ def variants_for(part1, hidden):
     zeros = torch.zeros(BATCH, hidden)
     hs = torch.randn(STEPS, BATCH, hidden)
     weight, bias = cell.h2h.weight.detach(), cell.h2h.bias.detach()
+    parameters = [tensor.detach() for tensor in (cell.x2h.weight, cell.x2h.bias, weight, bias)]
+    cell_state, gates = torch.randn(BATCH, hidden), torch.randn(BATCH, 4 * hidden)
 
     def torch_lstm():
         reference(inputs)[0].backward(grad_outputs)
@@ -58,9 +62,9 @@ def variants_for(part1, hidden):
     def my_lstm():
         part1.run_cell_over_window(cell, inputs, fused=True).backward(grad_outputs)
 
-    def forward_loop():
+    def forward_pass():
         with torch.no_grad():
-            part1.LSTMRecurrence.apply(x_gates, zeros, zeros, weight, bias)
+            part1.LSTMRecurrence.apply(inputs.detach().transpose(0, 1), zeros, zeros, *parameters)
 
     def products(packed):
         def run():
@@ -77,9 +81,11 @@ def variants_for(part1, hidden):
 
     return {"torch.nn.LSTM forward+backward": torch_lstm,
             "MyLSTM recurrence forward+backward": my_lstm,
-            "LSTMRecurrence forward loop": forward_loop,
+            "LSTMRecurrence forward, x2h included": forward_pass,
             "35 products, W_hh packed": products(True),
             "35 products, W_hh not packed": products(False),
+            "35 times tanh of (64, H)": lambda: [torch.tanh(cell_state) for _ in range(STEPS)],
+            "35 times sigmoid of (64, 4H)": lambda: [torch.sigmoid(gates) for _ in range(STEPS)],
             "Adam step, fused": adam_fused.step,
             "Adam step, per-tensor loop": adam_loop.step}
 

@@ -131,13 +131,18 @@ def test_fused_path_matches_plain_loop(part1, name):
 
 def test_lstm_recurrence_gradcheck(part1):
     torch.manual_seed(2)
-    steps, batch, hidden = 4, 3, 2
-    args = [torch.randn(steps, batch, 4 * hidden, dtype=torch.double, requires_grad=True),
+    steps, batch, inputs, hidden = 4, 3, 5, 2
+    args = [torch.randn(steps, batch, inputs, dtype=torch.double, requires_grad=True),
             torch.randn(batch, hidden, dtype=torch.double, requires_grad=True),
             torch.randn(batch, hidden, dtype=torch.double, requires_grad=True),
+            torch.randn(4 * hidden, inputs, dtype=torch.double, requires_grad=True),
+            torch.randn(4 * hidden, dtype=torch.double, requires_grad=True),
             torch.randn(4 * hidden, hidden, dtype=torch.double, requires_grad=True),
             torch.randn(4 * hidden, dtype=torch.double, requires_grad=True)]
     assert torch.autograd.gradcheck(part1.LSTMRecurrence.apply, args)
+    # Every output's gradient path on its own, so that one wrong path cannot hide behind another.
+    for output in range(3):
+        assert torch.autograd.gradcheck(lambda *a, k=output: part1.LSTMRecurrence.apply(*a)[k], args)
 
 
 # ---------------------------------------------------------------- the CPU speed paths
@@ -262,29 +267,34 @@ def test_onednn_linear_follows_cpu_autocast(onednn):
         assert layer(torch.randn(2, 6)).dtype == torch.bfloat16
 
 
-def test_lstm_recurrence_accepts_strided_gates(part1):
-    """x_gates as a transposed view gives the same outputs and gradients as a contiguous copy."""
+def recurrence_parameters(inputs, hidden, seed):
+    """x2h weight and bias, h2h weight and bias of a cell, in float64, each requiring gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(4 * hidden, inputs), (4 * hidden,), (4 * hidden, hidden), (4 * hidden,)]
+    return [torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_() for shape in shapes]
+
+
+def test_lstm_recurrence_accepts_strided_inputs(part1):
+    """Inputs as a transposed view (as MyLSTM passes them) give the same outputs and gradients as a copy."""
     torch.manual_seed(7)
-    strided = torch.randn(3, 4, 20, dtype=torch.double).transpose(0, 1)   # (T=4, B=3, 4H=20)
+    strided = torch.randn(3, 4, 6, dtype=torch.double).transpose(0, 1)   # (T=4, B=3, I=6)
+    zeros = torch.zeros(3, 5, dtype=torch.double)
     results = []
-    for x_gates in (strided, strided.contiguous()):
-        x_gates = x_gates.detach().requires_grad_()
-        weight = torch.randn(20, 5, dtype=torch.double, requires_grad=True)
-        torch.manual_seed(8)
-        weight.data.copy_(torch.randn(20, 5, dtype=torch.double))
-        zeros = torch.zeros(3, 5, dtype=torch.double)
-        hs, _, _ = part1.LSTMRecurrence.apply(x_gates, zeros, zeros, weight, torch.zeros(20, dtype=torch.double))
-        results.append((hs, *torch.autograd.grad(hs.pow(2).sum(), [x_gates, weight])))
-    for name, strided_result, contiguous_result in zip(("hs", "x_gates grad", "weight grad"), *results):
+    for inputs in (strided, strided.contiguous()):
+        inputs = inputs.detach().requires_grad_()
+        parameters = recurrence_parameters(6, 5, seed=8)
+        hs, _, _ = part1.LSTMRecurrence.apply(inputs, zeros, zeros, *parameters)
+        results.append((hs, *torch.autograd.grad(hs.pow(2).sum(), [inputs, *parameters])))
+    names = ("hs", "inputs grad", "x2h weight grad", "x2h bias grad", "h2h weight grad", "h2h bias grad")
+    for name, strided_result, contiguous_result in zip(names, *results):
         torch.testing.assert_close(strided_result, contiguous_result, rtol=0, atol=1e-12, msg=name)
 
 
 def test_lstm_recurrence_second_derivative_raises(part1):
-    x_gates = torch.randn(2, 1, 8, dtype=torch.double, requires_grad=True)
+    inputs = torch.randn(2, 1, 3, dtype=torch.double, requires_grad=True)
     zeros = torch.zeros(1, 2, dtype=torch.double)
-    weight = torch.randn(8, 2, dtype=torch.double)
-    hs, _, _ = part1.LSTMRecurrence.apply(x_gates, zeros, zeros, weight, torch.zeros(8, dtype=torch.double))
-    (grad,) = torch.autograd.grad(hs.pow(2).sum(), x_gates, create_graph=True)
+    hs, _, _ = part1.LSTMRecurrence.apply(inputs, zeros, zeros, *recurrence_parameters(3, 2, seed=9))
+    (grad,) = torch.autograd.grad(hs.pow(2).sum(), inputs, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad.sum().backward()
 
