@@ -221,12 +221,16 @@ def describe_machine():
 def merge_rounds(pooled, result):
     """Pool the timed steps of one more round of a case; keep the largest peak memory.
 
-    The data share of the CycleGAN cases is the last round's.
+    Each round's median is kept too (`round_medians_s`), for ratios within a round. The data share
+    of the CycleGAN cases is the last round's.
     """
-    if pooled is None:
-        return result
     merged = dict(result)
+    round_median = statistics.median(result["times_s"])
+    if pooled is None:
+        merged["round_medians_s"] = [round_median]
+        return merged
     merged["times_s"] = pooled["times_s"] + result["times_s"]
+    merged["round_medians_s"] = pooled["round_medians_s"] + [round_median]
     merged["peak_memory_mib"] = max(pooled["peak_memory_mib"], result["peak_memory_mib"])
     return merged
 
@@ -238,10 +242,25 @@ def summarise(case, result, machine_rate):
            "gflop_per_step": result["flops"] / 1e9, "gflop_per_s": result["flops"] / median / 1e9,
            "share_of_matmul_rate": result["flops"] / median / machine_rate,
            "peak_memory_mib": result["peak_memory_mib"]}
+    if "round_medians_s" in result:
+        row["round_medians_ms"] = [1000 * seconds for seconds in result["round_medians_s"]]
     for key in ("data_share", "data_ms", "settings"):
         if key in result:
             row[key] = result[key]
     return row
+
+
+def ratio_to_reference(row, reference):
+    """Return the median over rounds of row's time over reference's time in the same round.
+
+    Cases of one round run seconds apart, so a drift of the machine's speed between rounds cancels.
+    Results files without per-round medians (written before they were kept) fall back to the ratio
+    of the pooled medians.
+    """
+    mine, theirs = row.get("round_medians_ms"), reference.get("round_medians_ms")
+    if mine and theirs and len(mine) == len(theirs):
+        return statistics.median(a / b for a, b in zip(mine, theirs))
+    return row["median_ms"] / reference["median_ms"]
 
 
 def attribute_reference_flops(rows, machine_rate):
@@ -280,12 +299,12 @@ def markdown_table(rows):
     for row in rows:
         parts = row["case"].split(":")
         if parts[0] == "lstm" and parts[1] == "TorchLSTM":
-            reference[(parts[3], parts[4])] = row["median_ms"]
+            reference[(parts[3], parts[4])] = row
     for row in rows:
         parts = row["case"].split(":")
         ratio = ""
         if parts[0] == "lstm":
-            ratio = f"{row['median_ms'] / reference[(parts[3], parts[4])]:.2f}"
+            ratio = f"{ratio_to_reference(row, reference[(parts[3], parts[4])]):.2f}"
         data = f"{100 * row['data_share']:.1f}%" if "data_share" in row else ""
         lines.append(f"| {row['case']} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
                      f"{ratio} | {row['gflop_per_step']:.2f} | {row['gflop_per_s']:.1f} | "

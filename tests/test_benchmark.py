@@ -67,8 +67,17 @@ def test_rounds_pool_times_and_keep_peak_memory():
     second = {"times_s": [3.0], "peak_memory_mib": 800.0, "flops": 10, "data_share": 0.01}
     pooled = benchmark.merge_rounds(benchmark.merge_rounds(None, first), second)
     assert pooled["times_s"] == [1.0, 2.0, 3.0]
+    assert pooled["round_medians_s"] == [1.5, 3.0]
     assert pooled["peak_memory_mib"] == 900.0
     assert pooled["data_share"] == 0.01
+
+
+def test_ratio_compares_cases_within_each_round():
+    """A slow round for both cases leaves the ratio alone; pooled medians would not."""
+    reference = {"case": "lstm:TorchLSTM:fused:cpu:forward", "median_ms": 20.0, "round_medians_ms": [10.0, 20.0, 40.0]}
+    mine = {"case": "lstm:MyLSTM:fused:cpu:forward", "median_ms": 44.0, "round_medians_ms": [11.0, 44.0, 44.0]}
+    assert benchmark.ratio_to_reference(mine, reference) == pytest.approx(1.1)     # ratios 1.1, 2.2, 1.1
+    assert benchmark.ratio_to_reference(dict(mine, round_medians_ms=None), reference) == pytest.approx(2.2)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -107,7 +116,12 @@ def test_output_folder_rejected_before_the_run(tmp_path, capsys, monkeypatch):
     assert "is a folder" in capsys.readouterr().err
 
 
-def test_table_prints_committed_results(repo_root, capsys):
-    assert benchmark.main(["--table", str(repo_root / "benchmarks/results/2026-12-04-cpu.json")]) == 0
-    table = capsys.readouterr().out
-    assert "| lstm:MyLSTM:fused:cpu:training | 157.7 |" in table
+@pytest.mark.parametrize("name, row", [
+    # Kept per-round medians: the ratio is the median of the per-round ratios.
+    ("2026-12-04-cpu.json", "| lstm:MyLSTM:fused:cpu:training | 111.6 | 100.9-133.0 | 1.07 |"),
+    # An older file without them: the ratio of the pooled medians.
+    ("2026-12-04-cpu-before-recurrence-rework.json", "| lstm:MyLSTM:fused:cpu:training | 157.7 | 129.5-167.6 | 1.16 |"),
+])
+def test_table_prints_committed_results(repo_root, capsys, name, row):
+    assert benchmark.main(["--table", str(repo_root / "benchmarks" / "results" / name)]) == 0
+    assert row in capsys.readouterr().out
