@@ -253,7 +253,8 @@ def summarise(case, result, machine_rate):
 def ratio_to_reference(row, reference):
     """Return the median over rounds of row's time over reference's time in the same round.
 
-    Cases of one round run seconds apart, so a drift of the machine's speed between rounds cancels.
+    A case and its reference run a few seconds to two minutes apart in a round, closer than the
+    rounds are to each other, so most of the drift of the machine's speed between rounds cancels.
     Results files without per-round medians (written before they were kept) fall back to the ratio
     of the pooled medians.
     """
