@@ -73,7 +73,7 @@ def test_rounds_pool_times_and_keep_peak_memory():
 
 
 def test_ratio_compares_cases_within_each_round():
-    """A slow round for both cases leaves the ratio alone; pooled medians would not."""
+    """A slow round for both cases leaves the ratio alone, while pooled medians would not."""
     reference = {"case": "lstm:TorchLSTM:fused:cpu:forward", "median_ms": 20.0, "round_medians_ms": [10.0, 20.0, 40.0]}
     mine = {"case": "lstm:MyLSTM:fused:cpu:forward", "median_ms": 44.0, "round_medians_ms": [11.0, 44.0, 44.0]}
     assert benchmark.ratio_to_reference(mine, reference) == pytest.approx(1.1)     # ratios 1.1, 2.2, 1.1
@@ -117,9 +117,9 @@ def test_output_folder_rejected_before_the_run(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("name, row", [
-    # Kept per-round medians: the ratio is the median of the per-round ratios.
+    # A file with per-round medians gives the median of the per-round ratios.
     ("2026-12-04-cpu.json", "| lstm:MyLSTM:fused:cpu:training | 111.6 | 100.9-133.0 | 1.07 |"),
-    # An older file without them: the ratio of the pooled medians.
+    # An older file without them gives the ratio of the pooled medians.
     ("2026-12-04-cpu-before-speedups.json", "| lstm:MyLSTM:fused:cpu:training | 322.6 | 309.7-334.2 | 1.11 |"),
 ])
 def test_table_prints_committed_results(repo_root, capsys, name, row):

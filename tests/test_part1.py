@@ -135,14 +135,13 @@ def test_lstm_recurrence_gradcheck(part1):
     args = [torch.randn(steps, batch, inputs, dtype=torch.double, requires_grad=True),
             torch.randn(batch, hidden, dtype=torch.double, requires_grad=True),
             torch.randn(batch, hidden, dtype=torch.double, requires_grad=True),
-            torch.randn(4 * hidden, inputs, dtype=torch.double, requires_grad=True),
-            torch.randn(4 * hidden, dtype=torch.double, requires_grad=True),
-            torch.randn(4 * hidden, hidden, dtype=torch.double, requires_grad=True),
-            torch.randn(4 * hidden, dtype=torch.double, requires_grad=True)]
+            *recurrence_parameters(inputs, hidden, seed=2)]
     assert torch.autograd.gradcheck(part1.LSTMRecurrence.apply, args)
-    # Every output's gradient path on its own, so that one wrong path cannot hide behind another.
+    # Each output's gradient path on its own, so that one wrong path cannot hide behind another.
     for output in range(3):
-        assert torch.autograd.gradcheck(lambda *a, k=output: part1.LSTMRecurrence.apply(*a)[k], args)
+        def one_output(*tensors, index=output):
+            return part1.LSTMRecurrence.apply(*tensors)[index]
+        assert torch.autograd.gradcheck(one_output, args), f"output {output}"
 
 
 # ---------------------------------------------------------------- the CPU speed paths
