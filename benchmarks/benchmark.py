@@ -12,8 +12,9 @@ the spread (min, max). FLOPs are counted by torch.utils.flop_counter on one
 step: matrix multiplies and convolutions, forward and backward, which is the
 useful arithmetic; element-wise work is not counted. The machine's rate is the
 best of a large float32 matrix multiply through torch.mm and through oneDNN,
-measured in the same run. Results go to benchmarks/results/<date>-<device>.json
-and a Markdown table is printed.
+measured in the same run. Results go to benchmarks/results/<date>-<device>-<capability>.json
+(for example 2026-12-04-cpu-avx2.json; an earlier file of the same name is kept, and the
+new one gets its start time added) and a Markdown table is printed.
 """
 
 from __future__ import annotations
@@ -205,17 +206,50 @@ def all_cases(only):
     return cases
 
 
+def cpu_identity(cpuinfo_text):
+    """Model name, family and model numbers, and whether AVX-512 is present, from /proc/cpuinfo.
+
+    Hosts with one model name differ: two machines of this project, both "AMD EPYC" with 2 cores,
+    measured float32 matmul rates more than three times apart.
+    """
+    fields = {}
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())   # the first processor's values
+    flags = fields.get("flags", "").split()
+    return {"cpu": fields.get("model name"), "cpu_family": fields.get("cpu family"),
+            "cpu_model": fields.get("model"), "avx512": "avx512f" in flags if flags else None}
+
+
 def describe_machine():
     import torch
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
-        cpu = models[0] if models else cpu
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    cpuinfo = Path("/proc/cpuinfo")
+    identity = cpu_identity(cpuinfo.read_text()) if cpuinfo.exists() else {}
+    return {"cpu": identity.get("cpu") or platform.processor() or platform.machine(),
+            "cpu_family": identity.get("cpu_family"), "cpu_model": identity.get("cpu_model"),
+            "avx512": identity.get("avx512"),
+            # The widest vector instructions PyTorch's own kernels use here, e.g. AVX2 or AVX512.
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def default_output(machine, device_type, folder, kind=""):
+    """`<date>-<device>[-<capability>][-<kind>].json` in `folder`, with the start time added if that exists.
+
+    A CPU run names the vector capability (cpu-avx2, cpu-avx512), so that runs on different hosts
+    can be distinguished; a second run on the same day never replaces the first one's results.
+    """
+    name = f"{machine['date'][:10]}-{device_type}"
+    if device_type == "cpu" and machine.get("torch_cpu_capability"):
+        name += "-" + machine["torch_cpu_capability"].lower()
+    name += f"-{kind}" if kind else ""
+    path = folder / f"{name}.json"
+    if path.exists():
+        path = folder / f"{name}-{machine['date'][11:16].replace(':', '')}utc.json"
+    return path
 
 
 def merge_rounds(pooled, result):
@@ -351,7 +385,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every case, interleaved; the timed steps of all rounds are pooled (default 2)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
-    parser.add_argument("--output", help="results JSON (default benchmarks/results/<date>-<device>.json)")
+    parser.add_argument("--output", help="results JSON (default: benchmarks/results/<date>-<device>"
+                                         "[-<capability>].json, never replacing an earlier run's file)")
     parser.add_argument("--table", metavar="JSON",
                         help="print the Markdown table of an earlier results file and exit")
     args = parser.parse_args(argv)
@@ -375,11 +410,12 @@ def main(argv=None):
     import torch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = describe_machine()
-    output = writable_output(parser, args.output or (
-        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-{device.type}.json"))
+    output = writable_output(parser, args.output or default_output(
+        machine, device.type, REPO_ROOT / "benchmarks" / "results"))
     rates = matmul_rate(device)
     machine_rate = max(rates.values())
-    print(f"{machine['cpu']}, {machine['cpu_cores']} cores, GPU {machine['gpu']}; float32 matmul: "
+    print(f"{machine['cpu']} ({machine['torch_cpu_capability']}), {machine['cpu_cores']} cores, "
+          f"GPU {machine['gpu']}; float32 matmul: "
           + ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items()), flush=True)
 
     # Every case runs once per round, in the same order each round, so that a slow spell of a shared

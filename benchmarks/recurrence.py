@@ -17,7 +17,8 @@ with the notebook's default settings (tools/nbdefs.py loads its definitions cell
 - one Adam step over MyLSTM's parameters at the cpu profile's vocabulary (10,000 words), fused
   and as PyTorch's per-tensor loop.
 
-Writes benchmarks/results/<date>-<device>-recurrence.json and prints a table of medians.
+Writes benchmarks/results/<date>-cpu-<capability>-recurrence.json (never replacing an
+earlier run's file) and prints a table of medians.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.benchmark import describe_machine, writable_output  # noqa: E402
+from benchmarks.benchmark import default_output, describe_machine, writable_output  # noqa: E402
 from tools.nbdefs import load_definitions  # noqa: E402
 
 BATCH, STEPS, VOCAB_SIZE = 64, 35, 10_000
@@ -109,7 +110,8 @@ def main(argv=None):
                         help="hidden sizes (embedding size equal), default 200 512: the cpu and full profiles")
     parser.add_argument("--rounds", type=int, default=40, help="timed calls per variant (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per variant first (default 5)")
-    parser.add_argument("--output", help="results JSON (default benchmarks/results/<date>-<device>-recurrence.json)")
+    parser.add_argument("--output", help="results JSON (default: benchmarks/results/"
+                                         "<date>-cpu-<capability>-recurrence.json)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or min(args.hidden) < 1:
         parser.error(f"--rounds and --hidden must be at least 1 and --warmup at least 0, got "
@@ -119,8 +121,8 @@ def main(argv=None):
     if part1.DEVICE.type != "cpu":
         parser.error("this breakdown is for the CPU paths; run it where CUDA is not available")
     machine = describe_machine()
-    output = writable_output(parser, args.output or (
-        REPO_ROOT / "benchmarks" / "results" / f"{machine['date'][:10]}-cpu-recurrence.json"))
+    output = writable_output(parser, args.output or default_output(
+        machine, "cpu", REPO_ROOT / "benchmarks" / "results", kind="recurrence"))
     rows = []
     for hidden in args.hidden:
         times = measure(variants_for(part1, hidden), args.rounds, args.warmup)

@@ -125,3 +125,35 @@ def test_output_folder_rejected_before_the_run(tmp_path, capsys, monkeypatch):
 def test_table_prints_committed_results(repo_root, capsys, name, row):
     assert benchmark.main(["--table", str(repo_root / "benchmarks" / "results" / name)]) == 0
     assert row in capsys.readouterr().out
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx avx2 fma
+
+processor\t: 1
+model name\t: another name that must not be read
+"""
+
+
+def test_cpu_identity_reads_the_first_processor():
+    identity = benchmark.cpu_identity(CPUINFO)
+    assert identity == {"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "1", "avx512": False}
+    with_avx512 = benchmark.cpu_identity(CPUINFO.replace("avx2 fma", "avx2 avx512f fma"))
+    assert with_avx512["avx512"] is True
+    assert benchmark.cpu_identity("")["avx512"] is None   # no flags line: unknown, not absent
+
+
+def test_default_output_names_capability_and_keeps_earlier_files(tmp_path):
+    machine = {"date": "2026-12-04T22:55:54+00:00", "torch_cpu_capability": "AVX2"}
+    first = benchmark.default_output(machine, "cpu", tmp_path)
+    assert first == tmp_path / "2026-12-04-cpu-avx2.json"
+    first.write_text("{}")
+    second = benchmark.default_output(machine, "cpu", tmp_path)
+    assert second == tmp_path / "2026-12-04-cpu-avx2-2255utc.json"
+    assert benchmark.default_output(machine, "cpu", tmp_path, kind="recurrence") == \
+        tmp_path / "2026-12-04-cpu-avx2-recurrence.json"
+    assert benchmark.default_output(machine, "cuda", tmp_path) == tmp_path / "2026-12-04-cuda.json"
