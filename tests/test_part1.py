@@ -572,11 +572,30 @@ def test_environment_overrides_settings(repo_root, tmp_path):
     assert module.EMBED_SIZE == module.PROFILE_SETTINGS["smoke"]["EMBED_SIZE"]
 
 
+@pytest.mark.parametrize("capability, env_value, expected", [
+    ("AVX512", None, True),     # the default, "auto": oneDNN where PyTorch reports AVX-512
+    ("AVX2", None, False),
+    ("DEFAULT", "auto", False),
+    ("AVX2", "1", True),        # an explicit value wins over the CPU
+    ("AVX512", "no", False),
+])
+def test_onednn_matmul_auto_follows_cpu(repo_root, tmp_path, monkeypatch, capability, env_value, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path)}
+    if env_value is not None:
+        env["ONEDNN_MATMUL"] = env_value
+    module = load_definitions(repo_root / NOTEBOOK, module_name="part1_onednn_auto", env=env)
+    assert module.ONEDNN_MATMUL is expected
+    assert module.SETTINGS["ONEDNN_MATMUL"] is expected
+    assert module.describe_hardware()["cpu_capability"] == capability
+
+
 @pytest.mark.parametrize("name, value", [
     ("HIDDEN_SIZE", "abc"), ("FORCE_RETRAIN", "maybe"), ("PROFILE", "huge"), ("HIDDEN_SIZE", "0"),
     ("WINDOW", "-3"), ("BATCH_SIZE", "0"), ("EVAL_EVERY", "0"), ("TRAIN_STEPS", "-5"), ("DROPOUT", "1.5"),
     ("GRAD_CLIP", "-1"), ("LEARNING_RATE", "nan"), ("SEED", "-1"), ("NUM_THREADS", "-2"),
-    ("VALID_TOKENS_DURING_TRAINING", "-5"), ("ONEDNN_MATMUL", "none"), ("FUSED_ADAM", "none"),
+    ("VALID_TOKENS_DURING_TRAINING", "-5"), ("ONEDNN_MATMUL", "none"), ("ONEDNN_MATMUL", "sometimes"),
+    ("FUSED_ADAM", "none"), ("FUSED_ADAM", "auto"),
     ("KEEP_FREED_MEMORY", "2")])
 def test_invalid_setting_names_value(repo_root, tmp_path, name, value):
     env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path), name: value}
