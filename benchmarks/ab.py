@@ -8,10 +8,10 @@ of 20% and more falls between the cases it compares. Here both variants live in 
 take turns, in blocks of --steps timed training steps, the order flipping every block, so drift
 falls on both alike. Two comparisons:
 
-- onednn: ONEDNN_MATMUL on and off for a training step (forward_all over a 64 x 35 window, the loss,
-  backward, Adam) of MyLSTM, MyLSTM_att and TorchLSTM at the part 1 cpu profile's sizes;
-- channels-last: one CycleGAN iteration (all four training functions) at the part 2 cpu profile's
-  widths and batch, with the networks and batches in channels-last and in the default layout.
+- onednn times a training step with ONEDNN_MATMUL on and off: forward_all over a 64 x 35 window,
+  the loss, backward and Adam, for MyLSTM, MyLSTM_att and TorchLSTM at the part 1 cpu sizes.
+- channels-last times one CycleGAN iteration (all four training functions) at the part 2 cpu
+  profile's widths and batch, with networks and batches in channels-last and in the default layout.
 
 Writes benchmarks/results/<date>-cpu-<capability>-ab.json and prints a table of medians.
 """
@@ -36,7 +36,7 @@ from tools.nbdefs import load_definitions  # noqa: E402
 
 
 def alternate(variants, blocks, steps, warmup):
-    """Time `variants` ({name: step function}) in alternating blocks; return {name: [seconds]}."""
+    """Time `variants` ({name: step function}) in alternating blocks and return {name: [seconds]}."""
     names = list(variants)
     for name in names:
         for _ in range(warmup):

@@ -12,9 +12,9 @@ the spread (min, max). FLOPs are counted by torch.utils.flop_counter on one
 step: matrix multiplies and convolutions, forward and backward, which is the
 useful arithmetic; element-wise work is not counted. The machine's rate is the
 best of a large float32 matrix multiply through torch.mm and through oneDNN,
-measured in the same run. Results go to benchmarks/results/<date>-<device>-<capability>.json
-(for example 2026-12-04-cpu-avx2.json; an earlier file of the same name is kept, and the
-new one gets its start time added) and a Markdown table is printed.
+measured in the same run. Results go to benchmarks/results/<date>-<device>-<capability>.json,
+for example 2026-12-04-cpu-avx2.json, and a Markdown table is printed. An earlier file of
+the same name is kept, and the new one gets its start time added to its name.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def cyclegan_case(size_name, repeats, warmup):
 
 
 def parse_lstm_case(case):
-    """Split lstm:MODEL:MODE:SIZE:PATH[:-SETTING|:+SETTING] into its parts; raise ValueError naming a bad one.
+    """Split lstm:MODEL:MODE:SIZE:PATH[:-SETTING|:+SETTING] into its parts, or raise ValueError naming a bad one.
 
     The last part is a dict of the speed settings that the ablation forces off (-) or on (+).
     """
@@ -205,7 +205,7 @@ def all_cases(only):
                     cases.append(f"lstm:{model_name}:{mode}:{size_name}:{path}")
         for name in (*SPEED_SETTINGS, "all"):
             cases.append(f"lstm:MyLSTM:fused:cpu:training:-{name}")
-        # ONEDNN_MATMUL's default depends on the CPU, so its ablation runs both ways; one of the two
+        # ONEDNN_MATMUL's default depends on the CPU, so its ablation runs both ways. One of the two
         # equals the default.
         cases.append("lstm:MyLSTM:fused:cpu:training:+ONEDNN_MATMUL")
     if only in (None, "cyclegan"):
@@ -214,7 +214,7 @@ def all_cases(only):
 
 
 def cpu_identity(cpuinfo_text):
-    """Model name, family and model numbers, and whether AVX-512 is present, from /proc/cpuinfo.
+    """Read the model name, family and model numbers, and whether AVX-512 is present, from /proc/cpuinfo.
 
     Hosts with one model name differ: two machines of this project, both "AMD EPYC" with 2 cores,
     measured float32 matmul rates of 354 to 448 and of 134 to 172 GFLOP/s.
@@ -244,18 +244,26 @@ def describe_machine():
 
 
 def default_output(machine, device_type, folder, kind=""):
-    """`<date>-<device>[-<capability>][-<kind>].json` in `folder`, with the start time added if that exists.
+    """Return the path `<date>-<device>[-<capability>][-<kind>].json` in `folder` that no file takes yet.
 
     A CPU run names the vector capability (cpu-avx2, cpu-avx512), so that runs on different hosts
-    can be distinguished. A second run on the same day never replaces the first one's results.
+    can be distinguished. Where that name is taken, the run's start time is added (`-2356utc`), and
+    then a counter (`-2356utc-2`), so a later run never replaces an earlier run's results.
     """
     name = f"{machine['date'][:10]}-{device_type}"
     if device_type == "cpu" and machine.get("torch_cpu_capability"):
         name += "-" + machine["torch_cpu_capability"].lower()
-    name += f"-{kind}" if kind else ""
+    if kind:
+        name += f"-{kind}"
     path = folder / f"{name}.json"
-    if path.exists():
-        path = folder / f"{name}-{machine['date'][11:16].replace(':', '')}utc.json"
+    if not path.exists():
+        return path
+    name += f"-{machine['date'][11:16].replace(':', '')}utc"
+    path = folder / f"{name}.json"
+    counter = 2
+    while path.exists():
+        path = folder / f"{name}-{counter}.json"
+        counter += 1
     return path
 
 

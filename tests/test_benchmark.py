@@ -43,7 +43,7 @@ def test_case_counts_all_matmul_flops(small_sizes, case):
 
 
 def default_settings():
-    """The notebook's defaults: every speed setting on, ONEDNN_MATMUL only where the CPU has AVX-512."""
+    """Return the notebook's default speed settings. All are on, ONEDNN_MATMUL only where the CPU has AVX-512."""
     return {name: name != "ONEDNN_MATMUL" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             for name in benchmark.SPEED_SETTINGS}
 
@@ -161,13 +161,16 @@ def test_cpu_identity_reads_the_first_processor():
     assert benchmark.cpu_identity("")["avx512"] is None   # no flags line: unknown, not absent
 
 
-def test_default_output_names_capability_and_keeps_earlier_files(tmp_path):
+def test_default_output_keeps_earlier_files(tmp_path):
     machine = {"date": "2026-12-04T22:55:54+00:00", "torch_cpu_capability": "AVX2"}
     first = benchmark.default_output(machine, "cpu", tmp_path)
     assert first == tmp_path / "2026-12-04-cpu-avx2.json"
     first.write_text("{}")
     second = benchmark.default_output(machine, "cpu", tmp_path)
     assert second == tmp_path / "2026-12-04-cpu-avx2-2255utc.json"
+    second.write_text("{}")
+    third = benchmark.default_output(machine, "cpu", tmp_path)   # a second run in the same minute
+    assert third == tmp_path / "2026-12-04-cpu-avx2-2255utc-2.json"
     assert benchmark.default_output(machine, "cpu", tmp_path, kind="recurrence") == \
         tmp_path / "2026-12-04-cpu-avx2-recurrence.json"
     assert benchmark.default_output(machine, "cuda", tmp_path) == tmp_path / "2026-12-04-cuda.json"
