@@ -12,6 +12,10 @@ with the notebook's default settings (tools/nbdefs.py loads its definitions cell
 - the forward pass of LSTMRecurrence alone (x2h included, no gradients);
 - only the loop's matrix products: 35 times h W_hh^T + x_gates through linear(), with W_hh
   packed once (as the loop does) and unpacked;
+- the other matrix products, called as LSTMRecurrence calls them: x2h over the whole window
+  before the forward loop, the backward loop's 35 products dz_t W_hh (plus the incoming gradient),
+  and the three products over the whole window after it (dz W_xh, dz^T x and dz^T h). With the
+  packed forward products these are all of a window's matrix multiplies;
 - torch.tanh on one step's cell state (64, H) against torch.sigmoid on one step's four gates
   (64, 4H), the reason the recurrence computes tanh through sigmoid;
 - one Adam step over MyLSTM's parameters at the cpu profile's vocabulary (10,000 words), fused
@@ -56,6 +60,11 @@ def variants_for(part1, hidden):
     weight, bias = cell.h2h.weight.detach(), cell.h2h.bias.detach()
     parameters = [tensor.detach() for tensor in (cell.x2h.weight, cell.x2h.bias, weight, bias)]
     cell_state, gates = torch.randn(BATCH, hidden), torch.randn(BATCH, 4 * hidden)
+    flat_inputs = torch.randn(STEPS * BATCH, hidden)
+    grad_gates = torch.randn(STEPS, BATCH, 4 * hidden)
+    flat_grad = grad_gates.view(-1, 4 * hidden)
+    grad_hs = grad_outputs.transpose(0, 1)          # (T, B, H), a strided view as in the backward pass
+    weight_xh, bias_xh = parameters[0], parameters[1]
 
     def torch_lstm():
         reference(inputs)[0].backward(grad_outputs)
@@ -74,6 +83,18 @@ def variants_for(part1, hidden):
                 part1.linear(hs[t], used, add=x_gates[t])
         return run
 
+    def window_x2h():
+        part1.linear(flat_inputs, weight_xh, bias_xh)
+
+    def backward_step_products():
+        for t in range(STEPS):
+            part1.linear(grad_gates[t], weight.t(), add=grad_hs[t])
+
+    def backward_window_products():
+        part1.linear(flat_grad, weight_xh.t())                              # dz W_xh
+        part1.linear(flat_inputs.t(), flat_grad.t()).t()                     # dz^T x
+        part1.linear(hs.reshape(-1, hidden).t(), flat_grad.t()).t()          # dz^T h
+
     model = part1.MyLSTM(VOCAB_SIZE, hidden, hidden, 0.0)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
@@ -85,6 +106,9 @@ def variants_for(part1, hidden):
             "LSTMRecurrence forward, x2h included": forward_pass,
             "35 products, W_hh packed": products(True),
             "35 products, W_hh not packed": products(False),
+            "x2h product over the window": window_x2h,
+            "backward: 35 products dz_t W_hh": backward_step_products,
+            "backward: 3 products over the window": backward_window_products,
             "35 times tanh of (64, H)": lambda: [torch.tanh(cell_state) for _ in range(STEPS)],
             "35 times sigmoid of (64, 4H)": lambda: [torch.sigmoid(gates) for _ in range(STEPS)],
             "Adam step, fused": adam_fused.step,
