@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import matplotlib.image
@@ -51,3 +52,31 @@ def test_placeholder_lookup_and_errors(tmp_path):
         make_report.render("{{part1_cpu/a/c}}", tmp_path)
     with pytest.raises(make_report.ReportError, match="part1_full.json not found"):
         make_report.render("{{part1_full/a}}", tmp_path)
+
+
+def load_results(repo_root, name):
+    return json.loads((repo_root / "report" / "results" / f"{name}.json").read_text())
+
+
+def test_report_prose_matches_hosts_of_results(repo_root):
+    """REPORT.template.md names in prose the host of the cpu runs and what the other hosts gave.
+
+    A rerun on another machine overwrites part1_cpu.json and part2_cpu_synthetic.json. The
+    placeholders follow the new files but that prose does not, so this test fails until it is updated.
+    """
+    fix = "update the prose in report/REPORT.template.md and this test"
+    for name in ("part1_cpu", "part2_cpu_synthetic"):
+        hardware = load_results(repo_root, name)["hardware"]
+        assert (hardware["cpu_family"], hardware["cpu_model"]) == ("25", "17"), \
+            f"{name}.json no longer comes from the third host (AMD family 25, model 17): {fix}"
+        assert hardware["cpu_capability"] == "AVX512", f"{name}.json: {fix}"
+    part1, part1_first = load_results(repo_root, "part1_cpu"), load_results(repo_root, "part1_cpu_avx512_host")
+    for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM"):
+        assert part1["metrics"]["models"][model]["test"] == part1_first["metrics"]["models"][model]["test"], \
+            f"{model}'s test results differ between the two AVX-512 hosts: {fix}"
+    part2, part2_first = load_results(repo_root, "part2_cpu_synthetic"), load_results(
+        repo_root, "part2_cpu_synthetic_avx512_host")
+    for run in ("cyclegan_11class", "cyclegan_2class"):
+        for metric in ("class_preservation_G", "class_preservation_F", "cycle_error_mnist", "cycle_error_target"):
+            assert part2["metrics"][run][metric] == part2_first["metrics"][run][metric], \
+                f"{run} {metric} differs between the two AVX-512 hosts: {fix}"
