@@ -51,3 +51,37 @@ def run_notebook(tmp_path):
         return report_dir
 
     return run
+
+
+CPUINFO_TWO_PROCESSORS = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 avx512f
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: Other CPU
+"""
+
+
+@pytest.fixture
+def cpuinfo_sample(tmp_path) -> Path:
+    """A /proc/cpuinfo in the kernel's format with two different processors; the first is (AMD EPYC, 25, 17)."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO_TWO_PROCESSORS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def this_cpu() -> tuple[str, str | None, str | None] | None:
+    """Model name, family and model of this machine's first processor, or None without /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return None
+    first = cpuinfo.read_text().split("\n\n", 1)[0]
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    return fields["model name"], fields.get("cpu family"), fields.get("model")

@@ -7,7 +7,6 @@ import math
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -780,34 +779,14 @@ def test_notebook_smoke_run_end_to_end(run_notebook, tmp_path):
         assert (report / "figures" / f"part1_smoke_{name}.pdf").stat().st_size > 1000
 
 
-CPUINFO_TWO_PROCESSORS = """processor\t: 0
-vendor_id\t: AuthenticAMD
-cpu family\t: 25
-model\t\t: 17
-model name\t: AMD EPYC
-flags\t\t: fpu sse2 avx2 avx512f
 
-processor\t: 1
-vendor_id\t: AuthenticAMD
-cpu family\t: 26
-model\t\t: 2
-model name\t: Other CPU
-"""
-
-
-def test_cpu_identity_reads_first_processor(part1, tmp_path):
-    path = tmp_path / "cpuinfo"
-    path.write_text(CPUINFO_TWO_PROCESSORS)
-    assert part1.cpu_identity(path) == ("AMD EPYC", "25", "17")
+def test_cpu_identity_reads_first_processor(part1, cpuinfo_sample, tmp_path):
+    assert part1.cpu_identity(cpuinfo_sample) == ("AMD EPYC", "25", "17")
     assert part1.cpu_identity(tmp_path / "missing") == (None, None, None)
 
 
-def test_results_record_this_cpu(part1):
+def test_results_record_this_cpu(part1, this_cpu):
     hardware = part1.describe_hardware()
     assert hardware["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    if Path("/proc/cpuinfo").exists():
-        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
-        fields = {key.strip(): value.strip() for key, _, value in
-                  (line.partition(":") for line in first.splitlines())}
-        assert (hardware["cpu"], hardware["cpu_family"], hardware["cpu_model"]) == (
-            fields["model name"], fields.get("cpu family"), fields.get("model"))
+    if this_cpu is not None:
+        assert (hardware["cpu"], hardware["cpu_family"], hardware["cpu_model"]) == this_cpu
