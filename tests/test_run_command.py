@@ -78,3 +78,12 @@ def test_set_rejects_settings_with_own_option(capsys):
 def test_setting_names_come_from_parameters_cell(repo_root):
     assert {"PROFILE", "DATA_DIR", "SEED", "HIDDEN_SIZE"} <= run_notebooks.setting_names(repo_root / "part1_lstm.ipynb")
     assert {"TARGET_DOMAIN", "CYCLE_WEIGHT"} <= run_notebooks.setting_names(repo_root / "part2_cyclegan.ipynb")
+
+
+@pytest.mark.parametrize("profile, cuda, expected", [
+    ("auto", False, "cpu"), ("auto", True, "full"), ("smoke", True, "smoke"), ("cpu", True, "cpu")])
+def test_auto_profile_resolves_by_cuda(monkeypatch, profile, cuda, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert run_notebooks.resolved_profile(profile) == expected

@@ -5,7 +5,8 @@
 Each notebook runs in a fresh kernel started in the repository root, with
 the settings passed as environment variables (see docs/NOTEBOOKS.md). The
 executed copy is written to REPORT_DIR/executed/<notebook>.<profile>.ipynb,
-also when a cell fails, so the failing output can be inspected.
+with "auto" replaced by the profile it resolves to, also when a cell fails, so
+the failing output can be inspected.
 """
 
 from __future__ import annotations
@@ -147,6 +148,18 @@ def setting_names(notebook_path: Path) -> set[str]:
     return names
 
 
+def resolved_profile(profile: str) -> str:
+    """Return the profile the notebooks run: "auto" is "full" where CUDA is available and "cpu" elsewhere.
+
+    The notebooks resolve "auto" with the same rule in their settings code.
+    """
+    if profile != "auto":
+        return profile
+    import torch
+
+    return "full" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", default=list(NOTEBOOKS),
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     started, status = {}, 0
     for path in paths:
         started[path.name] = time.time()
-        output = report_dir / "executed" / f"{path.stem}.{args.profile}.ipynb"
+        output = report_dir / "executed" / f"{path.stem}.{resolved_profile(args.profile)}.ipynb"
         try:
             execute_notebook(path, output, env=env)
         except NotebookFailed as error:
