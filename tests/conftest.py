@@ -70,7 +70,7 @@ model name\t: Other CPU
 
 @pytest.fixture
 def cpuinfo_sample(tmp_path) -> Path:
-    """A /proc/cpuinfo in the kernel's format with two different processors; the first is (AMD EPYC, 25, 17)."""
+    """A /proc/cpuinfo in the kernel's format with two different processors, the first (AMD EPYC, 25, 17)."""
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO_TWO_PROCESSORS)
     return path

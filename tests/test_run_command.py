@@ -81,7 +81,8 @@ def test_setting_names_come_from_parameters_cell(repo_root):
 
 
 @pytest.mark.parametrize("profile, cuda, expected", [
-    ("auto", False, "cpu"), ("auto", True, "full"), ("smoke", True, "smoke"), ("cpu", True, "cpu")])
+    ("auto", False, "cpu"), ("auto", True, "full"), (" Auto ", False, "cpu"), ("smoke", True, "smoke"),
+    ("cpu", True, "cpu")])
 def test_auto_profile_resolves_by_cuda(monkeypatch, profile, cuda, expected):
     import torch
 

@@ -153,7 +153,7 @@ def resolved_profile(profile: str) -> str:
 
     The notebooks resolve "auto" with the same rule in their settings code.
     """
-    if profile != "auto":
+    if profile.strip().lower() != "auto":       # PROFILE from the environment is not checked by argparse
         return profile
     import torch
 
