@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.recurrence                # cpu and full sizes, under a minute
     .venv/bin/python -m benchmarks.recurrence --hidden 200   # one size
+    .venv/bin/python -m benchmarks.recurrence --compile      # add torch.compile's recurrence
 
 All variants run in one process, interleaved round by round, so that a slow spell of a shared
 machine falls on all of them alike. Each timed call covers one window (batch 64, 35 time steps)
@@ -19,7 +20,13 @@ with the notebook's default settings (tools/nbdefs.py loads its definitions cell
 - torch.tanh on one step's cell state (64, H) against torch.sigmoid on one step's four gates
   (64, 4H), the reason the recurrence computes tanh through sigmoid;
 - one Adam step over MyLSTM's parameters at the cpu profile's vocabulary (10,000 words), fused
-  and as PyTorch's per-tensor loop.
+  and as PyTorch's per-tensor loop;
+- with --compile, the same recurrence written as plain tensor operations and compiled by
+  torch.compile (inductor's C++ kernels, so it needs a C++ compiler), forward and backward over
+  the window with x2h included. Its hidden states and gradients are checked against the
+  notebook's recurrence first. This variant measures whether PyTorch's compiler closes the gap to
+  torch.nn.LSTM. The results file records the seconds of its first call (first_call_s), which
+  compiles unless inductor's on-disk cache already has the graphs.
 
 Writes benchmarks/results/<date>-cpu-<capability>-recurrence.json (never replacing an
 earlier run's file) and prints a table of medians.
@@ -47,8 +54,60 @@ from tools.nbdefs import load_definitions  # noqa: E402
 BATCH, STEPS, VOCAB_SIZE = 64, 35, 10_000
 
 
-def variants_for(part1, hidden):
-    """Return {name: function} for one hidden size; each function runs one timed call."""
+def plain_window(inputs, h0, c0, weight_xh, bias, weight_hh):
+    """Run the LSTM over inputs (T, B, I) with plain tensor operations, for torch.compile, and return hs (T, B, H)."""
+    steps, batch, _ = inputs.shape
+    x_gates = torch.addmm(bias, inputs.reshape(steps * batch, -1), weight_xh.t()).view(steps, batch, -1)
+    h, c = h0, c0
+    hs = []
+    for t in range(steps):
+        i, f, g, o = (x_gates[t] + h @ weight_hh.t()).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(h)
+    return torch.stack(hs)
+
+
+def compiled_variant(part1, cell, inputs, grad_outputs):
+    """Compile the plain recurrence, check it against LSTMRecurrence and return (name, function, first call's seconds).
+
+    The first call compiles the forward and backward graphs, or loads them from inductor's on-disk
+    cache when an earlier run left them there.
+    """
+    compiled = torch.compile(plain_window, dynamic=False)
+    zeros = inputs.new_zeros(inputs.shape[0], cell.hidden_size)
+
+    def run():
+        bias = cell.x2h.bias + cell.h2h.bias
+        return compiled(inputs.transpose(0, 1), zeros, zeros, cell.x2h.weight, bias, cell.h2h.weight)
+
+    grad_hs = grad_outputs.transpose(0, 1)
+    wrt = (inputs, cell.x2h.weight, cell.h2h.weight)
+    start = time.perf_counter()
+    hs = run()
+    grads = torch.autograd.grad(hs, wrt, grad_hs)
+    first_call_s = time.perf_counter() - start
+    expected_hs = part1.run_cell_over_window(cell, inputs, fused=True).transpose(0, 1)
+    expected_grads = torch.autograd.grad(expected_hs, wrt, grad_hs)
+    for name, value, expected in zip(("hidden states", "input gradient", "x2h weight gradient",
+                                      "h2h weight gradient"), (hs, *grads), (expected_hs, *expected_grads)):
+        # Relative to the largest entry: the weight gradients sum T*B products in another order.
+        error = ((value - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+        if not error <= 1e-5:
+            raise AssertionError(f"torch.compile's recurrence differs from LSTMRecurrence in its {name} "
+                                 f"by up to {error:.3g} of its largest entry; the limit is 1e-05")
+
+    def forward_backward():
+        run().backward(grad_hs)
+
+    return "plain recurrence compiled by torch.compile, forward+backward", forward_backward, first_call_s
+
+
+def variants_for(part1, hidden, compile_too=False):
+    """Return ({name: function}, {name: seconds of its first call}) for one hidden size.
+
+    Each function runs one timed call. Only the compiled variant has a first call recorded.
+    """
     torch.manual_seed(0)
     reference = nn.LSTM(hidden, hidden, batch_first=True)
     cell = part1.MyLSTMCell(hidden, hidden)
@@ -101,7 +160,7 @@ def variants_for(part1, hidden):
     adam_fused = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     adam_loop = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
 
-    return {"torch.nn.LSTM forward+backward": torch_lstm,
+    variants = {"torch.nn.LSTM forward+backward": torch_lstm,
             "MyLSTM recurrence forward+backward": my_lstm,
             "LSTMRecurrence forward, x2h included": forward_pass,
             "35 products, W_hh packed": products(True),
@@ -113,6 +172,12 @@ def variants_for(part1, hidden):
             "35 times sigmoid of (64, 4H)": lambda: [torch.sigmoid(gates) for _ in range(STEPS)],
             "Adam step, fused": adam_fused.step,
             "Adam step, per-tensor loop": adam_loop.step}
+    first_call_seconds = {}
+    if compile_too:
+        name, function, first_call_s = compiled_variant(part1, cell, inputs, grad_outputs)
+        variants[name] = function
+        first_call_seconds[name] = first_call_s
+    return variants, first_call_seconds
 
 
 def measure(variants, rounds, warmup):
@@ -134,6 +199,10 @@ def main(argv=None):
                         help="hidden sizes (embedding size equal), default 200 512: the cpu and full profiles")
     parser.add_argument("--rounds", type=int, default=40, help="timed calls per variant (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per variant first (default 5)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the recurrence compiled by torch.compile (needs a C++ compiler; "
+                             "its first call compiles, which took 17 to 25 s per hidden size "
+                             "on a 2-core AMD EPYC with an empty inductor cache)")
     parser.add_argument("--output", help="results JSON (default: benchmarks/results/"
                                          "<date>-cpu-<capability>-recurrence.json)")
     args = parser.parse_args(argv)
@@ -149,10 +218,14 @@ def main(argv=None):
         machine, "cpu", REPO_ROOT / "benchmarks" / "results", kind="recurrence"))
     rows = []
     for hidden in args.hidden:
-        times = measure(variants_for(part1, hidden), args.rounds, args.warmup)
+        variants, first_call_seconds = variants_for(part1, hidden, args.compile)
+        times = measure(variants, args.rounds, args.warmup)
         for name, samples in times.items():
-            rows.append({"hidden": hidden, "variant": name, "median_ms": 1000 * statistics.median(samples),
-                         "min_ms": 1000 * min(samples), "max_ms": 1000 * max(samples)})
+            row = {"hidden": hidden, "variant": name, "median_ms": 1000 * statistics.median(samples),
+                   "min_ms": 1000 * min(samples), "max_ms": 1000 * max(samples)}
+            if name in first_call_seconds:
+                row["first_call_s"] = first_call_seconds[name]
+            rows.append(row)
 
     print("| hidden | variant | median ms | min-max ms | per time step µs |")
     print("| --- | --- | --- | --- | --- |")

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+
+import pytest
 
 from benchmarks import recurrence
+
+# torch.compile's CPU backend (inductor, PyTorch 2.14 on Linux) builds C++ kernels with $CXX, or g++.
+CXX = os.environ.get("CXX", "g++")
+needs_cxx = pytest.mark.skipif(shutil.which(CXX) is None,
+                               reason=f"torch.compile's CPU backend needs the C++ compiler {CXX!r}: "
+                                      f"install g++ or set CXX")
 
 PRODUCT_VARIANTS = ("35 products, W_hh packed", "x2h product over the window",
                     "backward: 35 products dz_t W_hh", "backward: 3 products over the window")
@@ -21,3 +31,55 @@ def test_breakdown_writes_every_variant(tmp_path):
         assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"], name
     assert results["rounds"] == 2
 
+
+
+@needs_cxx
+def test_compiled_recurrence_is_checked_and_timed(tmp_path):
+    output = tmp_path / "recurrence.json"
+    assert recurrence.main(["--hidden", "8", "--rounds", "2", "--warmup", "1", "--compile",
+                            "--output", str(output)]) == 0
+    rows = {row["variant"]: row for row in json.loads(output.read_text())["rows"]}
+    compiled = rows["plain recurrence compiled by torch.compile, forward+backward"]
+    assert compiled["first_call_s"] > 0
+    assert 0 < compiled["min_ms"] <= compiled["median_ms"] <= compiled["max_ms"]
+
+
+def test_plain_window_matches_the_notebook_recurrence():
+    """The compiled variant's math, run eagerly: the same hidden states as LSTMRecurrence."""
+    import torch
+
+    from tools.nbdefs import load_definitions
+    part1 = load_definitions(recurrence.REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+    torch.manual_seed(1)
+    cell = part1.MyLSTMCell(6, 5)
+    inputs = torch.randn(3, 7, 6)
+    zeros = torch.zeros(3, 5)
+    hs = recurrence.plain_window(inputs.transpose(0, 1), zeros, zeros, cell.x2h.weight,
+                                 cell.x2h.bias + cell.h2h.bias, cell.h2h.weight).transpose(0, 1)
+    expected = part1.run_cell_over_window(cell, inputs, fused=False)
+    torch.testing.assert_close(hs, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(hs, part1.run_cell_over_window(cell, inputs.flip(1), fused=False))
+
+
+def scale_outputs(hs):
+    return 1.01 * hs
+
+
+def scale_gradients(hs):
+    return hs + 0.5 * (hs - hs.detach())     # the same values, 1.5 times the gradient
+
+
+@pytest.mark.parametrize("distort, part", [(scale_outputs, "hidden states"),
+                                           (scale_gradients, "input gradient")])
+@needs_cxx
+def test_compiled_recurrence_mismatch_rejected(monkeypatch, distort, part):
+    import torch
+
+    from tools.nbdefs import load_definitions
+    part1 = load_definitions(recurrence.REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+    plain = recurrence.plain_window
+    monkeypatch.setattr(recurrence, "plain_window", lambda *args: distort(plain(*args)))
+    cell = part1.MyLSTMCell(4, 4)
+    inputs = torch.randn(2, 3, 4, requires_grad=True)
+    with pytest.raises(AssertionError, match=f"differs from LSTMRecurrence in its {part}"):
+        recurrence.compiled_variant(part1, cell, inputs, torch.randn(2, 3, 4))
