@@ -266,6 +266,56 @@ def test_onednn_linear_follows_cpu_autocast(onednn):
         assert layer(torch.randn(2, 6)).dtype == torch.bfloat16
 
 
+@needs_onednn
+@pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att"])
+def test_torch_func_transforms_take_plain_path(onednn, name):
+    """torch.func.grad, vmap and jacrev run with the speed settings on and match ordinary autograd."""
+    part1 = onednn
+    torch.manual_seed(10)
+    model = part1.MODEL_CLASSES[name](30, 8, 12, 0.0)
+    assert model.fused
+    x = torch.randint(30, (4, 6))
+    parameters = {key: value.detach() for key, value in model.named_parameters()}
+
+    def loss(parameters):
+        return torch.func.functional_call(model, parameters, (x,)).logsumexp(-1).sum()
+
+    grads = torch.func.grad(loss)(parameters)
+    model.zero_grad()
+    ordinary_loss = model(x).logsumexp(-1).sum()
+    assert ordinary_loss.grad_fn is not None
+    ordinary_loss.backward()
+    for key, parameter in model.named_parameters():
+        assert parameter.grad.abs().max() > 0, key
+        torch.testing.assert_close(grads[key], parameter.grad, rtol=1e-5, atol=1e-6, msg=key)
+
+    def one_window(window):
+        return torch.func.functional_call(model, parameters, (window.unsqueeze(0),)).squeeze(0)
+
+    per_window = torch.func.vmap(one_window)(x)
+    torch.testing.assert_close(per_window, model(x), rtol=1e-5, atol=1e-6)
+
+    def summed_logits(bias):
+        return torch.func.functional_call(model, {**parameters, "out.bias": bias}, (x,)).sum(0)
+
+    jacobian = torch.func.jacrev(summed_logits)(parameters["out.bias"])
+    torch.testing.assert_close(jacobian, 4 * torch.eye(30))          # d(sum over 4 windows)/d bias
+
+
+def test_transform_check_inside_and_outside(part1):
+    assert not part1.functorch_transforms_active()
+    seen = []
+
+    def record(t):
+        seen.append(part1.functorch_transforms_active())
+        return t.sum()
+
+    torch.func.grad(record)(torch.ones(2))
+    torch.func.vmap(record)(torch.ones(3, 2))
+    assert seen == [True, True]
+    assert not part1.functorch_transforms_active()
+
+
 def recurrence_parameters(inputs, hidden, seed):
     """x2h weight and bias, h2h weight and bias of a cell, in float64, each requiring gradients."""
     generator = torch.Generator().manual_seed(seed)
