@@ -164,17 +164,17 @@ def variants_for(part1, hidden, compile_too=False):
     adam_loop = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
 
     variants = {"torch.nn.LSTM forward+backward": torch_lstm,
-            "MyLSTM recurrence forward+backward": my_lstm,
-            "LSTMRecurrence forward, x2h included": forward_pass,
-            "35 products, W_hh packed": products(True),
-            "35 products, W_hh not packed": products(False),
-            "x2h product over the window": window_x2h,
-            "backward: 35 products dz_t W_hh": backward_step_products,
-            "backward: 3 products over the window": backward_window_products,
-            "35 times tanh of (64, H)": lambda: [torch.tanh(cell_state) for _ in range(STEPS)],
-            "35 times sigmoid of (64, 4H)": lambda: [torch.sigmoid(gates) for _ in range(STEPS)],
-            "Adam step, fused": adam_fused.step,
-            "Adam step, per-tensor loop": adam_loop.step}
+                "MyLSTM recurrence forward+backward": my_lstm,
+                "LSTMRecurrence forward, x2h included": forward_pass,
+                "35 products, W_hh packed": products(True),
+                "35 products, W_hh not packed": products(False),
+                "x2h product over the window": window_x2h,
+                "backward: 35 products dz_t W_hh": backward_step_products,
+                "backward: 3 products over the window": backward_window_products,
+                "35 times tanh of (64, H)": lambda: [torch.tanh(cell_state) for _ in range(STEPS)],
+                "35 times sigmoid of (64, 4H)": lambda: [torch.sigmoid(gates) for _ in range(STEPS)],
+                "Adam step, fused": adam_fused.step,
+                "Adam step, per-tensor loop": adam_loop.step}
     first_call_seconds = {}
     if compile_too:
         name, function, first_call_s = compiled_variant(part1, cell, inputs, grad_outputs)
