@@ -7,8 +7,10 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from benchmarks import recurrence
+from tools.nbdefs import load_definitions
 
 # torch.compile's CPU backend (inductor, PyTorch 2.14 on Linux) builds C++ kernels with $CXX, or g++.
 CXX = os.environ.get("CXX", "g++")
@@ -32,6 +34,10 @@ def test_breakdown_writes_every_variant(tmp_path):
     assert results["rounds"] == 2
 
 
+@pytest.fixture(scope="module")
+def part1():
+    return load_definitions(recurrence.REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+
 
 @needs_cxx
 def test_compiled_recurrence_is_checked_and_timed(tmp_path):
@@ -44,12 +50,8 @@ def test_compiled_recurrence_is_checked_and_timed(tmp_path):
     assert 0 < compiled["min_ms"] <= compiled["median_ms"] <= compiled["max_ms"]
 
 
-def test_plain_window_matches_the_notebook_recurrence():
+def test_plain_window_matches_the_notebook_recurrence(part1):
     """The compiled variant's math, run eagerly: the same hidden states as LSTMRecurrence."""
-    import torch
-
-    from tools.nbdefs import load_definitions
-    part1 = load_definitions(recurrence.REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
     torch.manual_seed(1)
     cell = part1.MyLSTMCell(6, 5)
     inputs = torch.randn(3, 7, 6)
@@ -72,11 +74,7 @@ def scale_gradients(hs):
 @pytest.mark.parametrize("distort, part", [(scale_outputs, "hidden states"),
                                            (scale_gradients, "input gradient")])
 @needs_cxx
-def test_compiled_recurrence_mismatch_rejected(monkeypatch, distort, part):
-    import torch
-
-    from tools.nbdefs import load_definitions
-    part1 = load_definitions(recurrence.REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+def test_compiled_recurrence_mismatch_rejected(part1, monkeypatch, distort, part):
     plain = recurrence.plain_window
     monkeypatch.setattr(recurrence, "plain_window", lambda *args: distort(plain(*args)))
     cell = part1.MyLSTMCell(4, 4)
