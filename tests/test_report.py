@@ -80,3 +80,16 @@ def test_report_prose_matches_hosts_of_results(repo_root):
         for metric in ("class_preservation_G", "class_preservation_F", "cycle_error_mnist", "cycle_error_target"):
             assert part2["metrics"][run][metric] == part2_first["metrics"][run][metric], \
                 f"{run} {metric} differs between the two AVX-512 hosts: {fix}"
+    part2_avx2 = load_results(repo_root, "part2_cpu_synthetic_avx2_host")
+    hardware = part2_avx2["hardware"]
+    assert (hardware["cpu_family"], hardware["cpu_model"], hardware["cpu_capability"]) == ("25", "1", "AVX2"), \
+        f"part2_cpu_synthetic_avx2_host.json no longer comes from the AVX2 host: {fix}"
+    assert part2_avx2["wall_time_s"] > 30 * 60, f"the AVX2 host's part 2 run fits 30 minutes now: {fix}"
+    assert (part2_avx2["metrics"]["classifiers"]["mnist"]["test_accuracy"]
+            != part2["metrics"]["classifiers"]["mnist"]["test_accuracy"]), \
+        f"the MNIST classifier no longer differs between the AVX2 and AVX-512 hosts: {fix}"
+    for results in (part2, part2_avx2):
+        for side in ("G", "F"):
+            metric = f"class_preservation_{side}"
+            assert results["metrics"]["cyclegan_11class"][metric] > results["metrics"]["cyclegan_2class"][metric], \
+                f"the 11-class discriminator no longer preserves classes better ({metric}): {fix}"
