@@ -217,7 +217,7 @@ def cpu_identity(cpuinfo_text):
     """Read the model name, family and model numbers, and whether AVX-512 is present, from /proc/cpuinfo.
 
     Hosts with one model name differ: two machines of this project, both "AMD EPYC" with 2 cores,
-    measured float32 matmul rates of 354 to 448 and of 134 to 172 GFLOP/s.
+    measured float32 matmul rates of 354 to 448 and of 134 to 182 GFLOP/s.
     """
     fields = {}
     for line in cpuinfo_text.splitlines():
