@@ -74,6 +74,13 @@ def test_report_prose_matches_hosts_of_results(repo_root):
     for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM"):
         assert part1["metrics"]["models"][model]["test"] == part1_first["metrics"]["models"][model]["test"], \
             f"{model}'s test results differ between the two AVX-512 hosts: {fix}"
+    part1_avx2 = load_results(repo_root, "part1_cpu_avx2_host")
+    assert part1_avx2["hardware"]["cpu_capability"] == "AVX2", \
+        f"part1_cpu_avx2_host.json no longer comes from the AVX2 host: {fix}"
+    for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM"):
+        perplexities = [results["metrics"]["models"][model]["test"]["perplexity"] for results in (part1, part1_avx2)]
+        assert round(perplexities[0], 4) == round(perplexities[1], 4), \
+            f"{model}'s test perplexity on the AVX2 host no longer agrees to the fourth decimal: {fix}"
     part2, part2_first = load_results(repo_root, "part2_cpu_synthetic"), load_results(
         repo_root, "part2_cpu_synthetic_avx512_host")
     for run in ("cyclegan_11class", "cyclegan_2class"):
