@@ -40,6 +40,8 @@ def test_failing_cell_names_notebook_and_keeps_copy(tmp_path):
     path = tmp_path / "broken.ipynb"
     nbformat.write(notebook, path)
     output = tmp_path / "executed" / "broken.ipynb"
+    output.parent.mkdir()
+    output.write_text("the copy of the last run that finished")
     with pytest.raises(run_notebooks.NotebookFailed) as error:
         run_notebooks.execute_notebook(path, output, log=lambda *args, **kwargs: None)
     message = str(error.value)
@@ -48,11 +50,72 @@ def test_failing_cell_names_notebook_and_keeps_copy(tmp_path):
     assert "failed with ValueError: broken on purpose" in message
     assert "cell 3 of 4 counting markdown" in message
     assert "\x1b[" not in message, "the traceback is free of terminal colour codes"
-    executed = nbformat.read(output, as_version=4)
+    assert output.read_text() == "the copy of the last run that finished", "a failed run keeps the good copy"
+    failed = tmp_path / "executed" / "broken.failed.ipynb"
+    executed = nbformat.read(failed, as_version=4)
     assert executed.cells[0].execution_count == 1
     assert executed.cells[0].outputs == []
     assert executed.cells[2].outputs[0]["ename"] == "ValueError"
     assert executed.cells[3].execution_count is None, "cells after the failure do not run"
+
+    notebook.cells[2].source = "z = 3"                     # fixed: the next run finishes
+    nbformat.write(notebook, path)
+    run_notebooks.execute_notebook(path, output, log=lambda *args, **kwargs: None)
+    assert nbformat.read(output, as_version=4).cells[2].execution_count == 2
+    assert not failed.exists(), "a finished run removes the stale copy of a failed one"
+
+
+def test_resume_advice_drops_force_retrain():
+    assert run_notebooks.resume_advice({}) == "run the same command again to resume"
+    assert "without FORCE_RETRAIN" in run_notebooks.resume_advice({"FORCE_RETRAIN": "On"})
+    assert "without" not in run_notebooks.resume_advice({"FORCE_RETRAIN": "0"})
+
+
+def test_unwritable_report_dir_stops_before_any_notebook(tmp_path, capsys):
+    not_a_folder = tmp_path / "report"
+    not_a_folder.write_text("a file where the report folder should be")
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--report-dir", str(not_a_folder)])
+    message = capsys.readouterr()
+    assert "--report-dir" in message.err
+    assert str(not_a_folder) in message.err
+    assert "cell 1/" not in message.out, "no notebook started"
+    assert not_a_folder.read_text() == "a file where the report folder should be"
+
+
+def test_checkpoint_dir_that_is_a_file_is_rejected(tmp_path, capsys):
+    not_a_folder = tmp_path / "checkpoints"
+    not_a_folder.write_text("")
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                            "--set", f"CHECKPOINT_DIR={not_a_folder}"])
+    message = capsys.readouterr().err
+    assert "CHECKPOINT_DIR" in message
+    assert str(not_a_folder) in message
+
+
+def test_profile_from_environment_is_checked(monkeypatch, capsys):
+    monkeypatch.setenv("PROFILE", "bogus")
+    with pytest.raises(SystemExit):
+        run_notebooks.main([])
+    message = capsys.readouterr().err
+    assert "'bogus'" in message
+    assert "--profile" in message
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs"])
+def test_non_notebook_argument_is_rejected(name, capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", name])
+    message = capsys.readouterr().err
+    assert repr(name) in message
+    assert "part1_lstm.ipynb" in message, "the error lists the notebooks"
+
+
+def test_profile_table_is_not_a_setting(capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--set", "PROFILE_SETTINGS=x"])
+    assert "no such setting" in capsys.readouterr().err
 
 
 def test_invalid_set_option_is_rejected(capsys):

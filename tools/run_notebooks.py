@@ -5,8 +5,13 @@
 Each notebook runs in a fresh kernel started in the repository root, with
 the settings passed as environment variables (see docs/NOTEBOOKS.md). The
 executed copy is written to REPORT_DIR/executed/<notebook>.<profile>.ipynb,
-with "auto" replaced by the profile it resolves to, also when a cell fails, so
-the failing output can be inspected.
+with "auto" replaced by the profile it resolves to. When a cell fails, the copy
+goes to <notebook>.<profile>.failed.ipynb instead, so that the failing output
+can be inspected and the last good run's copy is kept.
+
+Before any notebook starts, the report folder and the checkpoint folder are
+checked: a folder that cannot be written stops the run there, not after hours
+of training.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("part1_lstm.ipynb", "part2_cyclegan.ipynb")
 PROFILES = ("auto", "smoke", "cpu", "full")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+TRUE_WORDS = ("1", "true", "yes", "on")          # what the notebooks read as True in a setting
 
 
 class NotebookFailed(RuntimeError):
@@ -59,6 +66,20 @@ def _cell_title(cell) -> str:
     return "(empty cell)"
 
 
+def failed_copy_path(output_path: str | os.PathLike) -> Path:
+    """Return where the executed copy of a failed run goes: <name>.failed.ipynb beside `output_path`."""
+    output_path = Path(output_path)
+    return output_path.with_name(f"{output_path.stem}.failed{output_path.suffix}")
+
+
+def resume_advice(env: dict[str, str]) -> str:
+    """Say how to resume after an interrupted run: FORCE_RETRAIN would start from scratch again."""
+    force = env.get("FORCE_RETRAIN", os.environ.get("FORCE_RETRAIN", ""))
+    if force.strip().lower() in TRUE_WORDS:
+        return "run the same command without FORCE_RETRAIN to resume from them"
+    return "run the same command again to resume"
+
+
 def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.PathLike,
                      env: dict[str, str] | None = None, timeout_per_cell: int = 3600,
                      log=print, echo_output: bool = True) -> nbformat.NotebookNode:
@@ -66,7 +87,9 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
 
     ``env`` is added to this process's environment for the kernel. What the
     cells print goes to ``log`` as it arrives when ``echo_output`` is true.
-    Raises ``NotebookFailed`` naming the notebook and the cell when a cell raises.
+    Raises ``NotebookFailed`` naming the notebook and the cell when a cell raises;
+    the executed copy then goes to ``failed_copy_path(output_path)`` and a copy
+    already at ``output_path`` is left as it is.
     """
     notebook_path = Path(notebook_path)
     output_path = Path(output_path)
@@ -83,7 +106,7 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     client = EchoingClient(notebook, echo=echo if echo_output else None, timeout=timeout_per_cell,
                            kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}})
     code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
-    failure = None
+    failure, finished = None, False
     try:
         with client.setup_kernel(env=kernel_env):
             for number, index in enumerate(code_cells, start=1):
@@ -103,19 +126,25 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                     failure = NotebookFailed(
                         f"{notebook_path.name}: the kernel died in code cell {number} of {len(code_cells)} "
                         f"('{_cell_title(cell)}'): {error}. It may have run out of memory or been killed. "
-                        f"Checkpoints written so far are kept: run the same command again to resume.")
+                        f"Checkpoints written so far are kept: {resume_advice(env or {})}.")
                     break
+            finished = failure is None
     finally:
+        # An interrupted or failed run must not replace the copy of the last run that finished.
+        written = output_path if finished else failed_copy_path(output_path)
         try:
-            output_path.parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(notebook, output_path)
+            written.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(notebook, written)
         except OSError as error:
-            log(f"[{notebook_path.name}] could not write the executed copy to {output_path}: {error}")
+            log(f"[{notebook_path.name}] could not write the executed copy to {written}: {error}")
+            written = None
     if failure is not None:
-        log(f"[{notebook_path.name}] executed copy kept for inspection: {output_path}")
+        if written is not None:
+            log(f"[{notebook_path.name}] executed copy of the failed run kept for inspection: {written}")
         raise failure
+    failed_copy_path(output_path).unlink(missing_ok=True)      # stale once a run has finished
     log(f"[{notebook_path.name}] done in {time.monotonic() - start:.1f}s including the kernel start; "
-        f"executed copy: {output_path}", flush=True)
+        f"executed copy: {written or 'not written'}", flush=True)
     return notebook
 
 
@@ -160,6 +189,17 @@ def resolved_profile(profile: str) -> str:
     return "full" if torch.cuda.is_available() else "cpu"
 
 
+def unwritable_folder(folder: Path) -> str | None:
+    """Return why files cannot be written in `folder` (created if missing), or None if they can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        return f"{type(error).__name__}: {error.strerror or error}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", default=list(NOTEBOOKS),
@@ -173,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override any other setting, e.g. --set TARGET_DOMAIN=synthetic")
     args = parser.parse_args(argv)
+    if args.profile not in PROFILES:                  # a PROFILE variable bypasses argparse's choices
+        parser.error(f"the environment variable PROFILE is {args.profile!r}, not one of {', '.join(PROFILES)}; "
+                     f"unset it or pass e.g. --profile cpu")
 
     report_dir = Path(args.report_dir).resolve()
     env = {"PROFILE": args.profile, "DATA_DIR": str(Path(args.data_dir).resolve()),
@@ -183,13 +226,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r} is not NAME=VALUE; write e.g. --set SEED=1")
         env[name] = value
 
-    paths = []
+    settings_by_path = {}
     for name in args.notebooks:
         path = (REPO_ROOT / name) if not Path(name).exists() else Path(name)
         if not path.exists():
             parser.error(f"notebook {name!r} not found; choose from {', '.join(NOTEBOOKS)}")
-        paths.append(path)
-    known = set().union(*(setting_names(path) for path in paths))
+        if not path.is_file() or path.suffix != ".ipynb":
+            parser.error(f"{name!r} is not a notebook file (.ipynb); choose from {', '.join(NOTEBOOKS)}")
+        try:
+            settings_by_path[path] = setting_names(path)
+        except ValueError as error:          # also nbformat's NotJSONError and a missing parameters cell
+            parser.error(f"{name!r} cannot be run: {error}; choose from {', '.join(NOTEBOOKS)}")
+    paths = list(settings_by_path)
+    known = set().union(*settings_by_path.values()) - {"PROFILE_SETTINGS"}   # a table, not a setting
     options = {"PROFILE": "--profile", "DATA_DIR": "--data-dir", "REPORT_DIR": "--report-dir"}
     for item in args.set:
         name = item.partition("=")[0]
@@ -197,7 +246,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {name}: use {options[name]} for this setting")
         if name not in known:
             parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
-                         f"settings are {', '.join(sorted(known - {'PROFILE_SETTINGS'}))}")
+                         f"settings are {', '.join(sorted(known))}")
+
+    # The kernels start in the repository root, so a relative CHECKPOINT_DIR is taken from there.
+    checkpoint_dir = REPO_ROOT / env.get("CHECKPOINT_DIR", os.environ.get("CHECKPOINT_DIR", "checkpoints"))
+    checks = [(report_dir / sub, "--report-dir", "--report-dir /tmp/report")
+              for sub in ("results", "figures", "executed")]
+    checks.append((checkpoint_dir, "CHECKPOINT_DIR", "--set CHECKPOINT_DIR=/tmp/checkpoints"))
+    for folder, option, example in checks:
+        reason = unwritable_folder(folder)
+        if reason is not None:
+            parser.error(f"cannot write to {folder} ({reason}); point {option} at a writable folder, e.g. {example}")
 
     started, status = {}, 0
     for path in paths:
