@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -772,6 +773,61 @@ def test_unreadable_checkpoint_names_file_and_fix(part1, tmp_path, content):
     assert path.read_bytes() == content, "the unreadable file is left for inspection"
 
 
+class MakeFolderOnLoad:
+    """Unpickling this calls os.mkdir: a stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_code_running_checkpoint_is_rejected(part1, tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "model.pt"
+    torch.save({"settings": MakeFolderOnLoad(marker)}, path)
+    with pytest.raises(ValueError, match="unreadable") as error:
+        run_training(part1, path, train_settings(part1))
+    assert not marker.exists(), "loading must not call what the file names"
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), {"settings": {}}])
+def test_foreign_checkpoint_names_file(part1, tmp_path, content):
+    path = tmp_path / "model.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match="not one of this notebook's training checkpoints") as error:
+        run_training(part1, path, train_settings(part1))
+    assert str(path) in str(error.value)
+    assert "FORCE_RETRAIN" in str(error.value)
+
+
+def test_other_model_checkpoint_names_file(part1, tmp_path):
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1), name="MyLSTM")
+    saved = path.read_bytes()
+    with pytest.raises(ValueError, match="does not match MyLSTM_att") as error:
+        run_training(part1, path, train_settings(part1), name="MyLSTM_att")
+    assert "FORCE_RETRAIN" in str(error.value)
+    assert path.read_bytes() == saved
+
+
+def test_overflowing_perplexity_names_learning_rate(part1, tmp_path):
+    assert part1.perplexity_of(2.0) == pytest.approx(math.exp(2.0))
+    assert part1.perplexity_of(800.0) == math.inf
+    settings = train_settings(part1)
+    torch.manual_seed(0)
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    with torch.no_grad():
+        model.out.bias[3] = 1e5                     # a loss near 1e5 nats: finite, but exp overflows
+    batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
+    with pytest.raises(FloatingPointError, match=r"validation perplexity is inf at step 2") as error:
+        part1.train_model("MyLSTM", model, batcher, torch.randint(17, (40,)), settings, tmp_path / "big.pt",
+                          log=lambda *args: None)
+    assert "LEARNING_RATE" in str(error.value)
+
+
 def test_nan_loss_stops_with_model_and_step(part1, tmp_path):
     settings = train_settings(part1)
     torch.manual_seed(0)
@@ -861,3 +917,13 @@ def test_results_record_this_cpu(part1, this_cpu):
     assert hardware["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if this_cpu is not None:
         assert (hardware["cpu"], hardware["cpu_family"], hardware["cpu_model"]) == this_cpu
+
+
+def test_unwritable_output_folder_names_setting(part1, tmp_path):
+    not_a_folder = tmp_path / "report"
+    not_a_folder.write_text("a file")
+    with pytest.raises(OSError, match="REPORT_DIR") as error:
+        part1.check_output_folders({tmp_path / "checkpoints": "CHECKPOINT_DIR", not_a_folder / "figures": "REPORT_DIR"})
+    assert str(not_a_folder / "figures") in str(error.value)
+    assert (tmp_path / "checkpoints").is_dir(), "folders that can be written are created"
+    assert list((tmp_path / "checkpoints").iterdir()) == [], "the probe file is removed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import urllib.error
 from pathlib import Path
 
@@ -638,6 +639,58 @@ def test_unreadable_checkpoint_names_file(tiny_run, content):
     assert "FORCE_RETRAIN" in str(error.value)
 
 
+class MakeFolderOnLoad:
+    """Unpickling this calls os.mkdir: a stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_code_running_checkpoint_is_rejected(tiny_run, tmp_path):
+    marker = tmp_path / "ran"
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": MakeFolderOnLoad(marker)}, checkpoint)
+    with pytest.raises(ValueError, match="unreadable") as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert not marker.exists(), "loading must not call what the file names"
+    assert str(checkpoint) in str(error.value)
+
+
+def test_checkpoint_without_config_names_file(tiny_run):
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.zeros(3), checkpoint)
+    with pytest.raises(ValueError, match="has no config") as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert str(checkpoint) in str(error.value)
+
+
+def test_other_class_count_checkpoint_rejected(tiny_run):
+    tiny_run.train_cyclegan("eleven", 11, 2)
+    folder = tiny_run.RUN_CHECKPOINT_DIR
+    (folder / "cyclegan_two.pt").write_bytes((folder / "cyclegan_eleven.pt").read_bytes())
+    with pytest.raises(ValueError, match="does not match Discriminator") as error:
+        tiny_run.train_cyclegan("two", 2, 2)
+    assert str(folder / "cyclegan_two.pt") in str(error.value)
+    assert "FORCE_RETRAIN" in str(error.value)
+
+
+def test_loaded_classifier_rescored_on_test_set(tiny_run, tmp_path):
+    domain = tiny_run.target
+    path = tmp_path / "classifier.pt"
+    classifier, _ = tiny_run.train_classifier(domain, 4, 2, 0, path, batch_size=8)
+    smaller = tiny_run.DigitDomain(domain.name, domain.train_images, domain.train_labels,
+                                   domain.test_images[:3], domain.test_labels[:3])
+    _, accuracy = tiny_run.train_classifier(smaller, 4, 2, 0, path, batch_size=8)
+    expected = (tiny_run.predict(classifier, smaller.test_images) == smaller.test_labels).float().mean().item()
+    assert accuracy == expected
+    assert accuracy * 3 == pytest.approx(round(accuracy * 3)), "a share of three test images"
+
+
 def test_nan_loss_stops_with_message(tiny_run, monkeypatch):
     monkeypatch.setattr(tiny_run, "train_iteration",
                         lambda *args: {"D_ms": 1.0, "D_sm": float("nan"), "G_msm": 1.0,
@@ -886,3 +939,13 @@ def test_results_record_this_cpu(nb, this_cpu):
     assert hardware["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if this_cpu is not None:
         assert (hardware["cpu"], hardware["cpu_family"], hardware["cpu_model"]) == this_cpu
+
+
+def test_unwritable_output_folder_names_setting(nb, tmp_path):
+    not_a_folder = tmp_path / "report"
+    not_a_folder.write_text("a file")
+    with pytest.raises(OSError, match="REPORT_DIR") as error:
+        nb.check_output_folders({tmp_path / "checkpoints": "CHECKPOINT_DIR", not_a_folder / "figures": "REPORT_DIR"})
+    assert str(not_a_folder / "figures") in str(error.value)
+    assert (tmp_path / "checkpoints").is_dir(), "folders that can be written are created"
+    assert list((tmp_path / "checkpoints").iterdir()) == [], "the probe file is removed"
