@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -927,3 +928,30 @@ def test_unwritable_output_folder_names_setting(part1, tmp_path):
     assert str(not_a_folder / "figures") in str(error.value)
     assert (tmp_path / "checkpoints").is_dir(), "folders that can be written are created"
     assert list((tmp_path / "checkpoints").iterdir()) == [], "the probe file is removed"
+
+
+@pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att", "TorchLSTM"])
+def test_word_ids_checked_for_shape_and_range(part1, name):
+    torch.manual_seed(0)
+    model = part1.MODEL_CLASSES[name](17, 4, 6, 0.0)
+    assert model(torch.tensor([[0, 16, 3]])).shape == (1, 17)
+    for shape in [(0, 5), (2, 0), (5,)]:
+        with pytest.raises(ValueError, match=r"batch and time >= 1, got " + re.escape(str(shape))):
+            model.forward_all(torch.zeros(shape, dtype=torch.long))
+    for bad in (17, -1):
+        with pytest.raises(ValueError, match=rf"from 0 to 16, .* range from {min(bad, 0)} to {max(bad, 3)};"):
+            model(torch.tensor([[0, bad, 3]]))
+
+
+def test_window_and_batch_must_be_positive(part1):
+    ids = torch.arange(50)
+    with pytest.raises(ValueError, match="window must be a whole number of 1 or more, got 0"):
+        part1.WindowBatcher(ids, 0, 3, 0)
+    with pytest.raises(ValueError, match="batch_size must be a whole number of 1 or more, got 0"):
+        list(part1.evaluation_windows(ids, 5, 0))
+
+
+def test_generate_rejects_zero_temperature(part1):
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    with pytest.raises(ValueError, match="temperature must be above 0, got 0"):
+        part1.generate(model, None, "a b", 3, 5, temperature=0)

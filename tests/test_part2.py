@@ -916,8 +916,30 @@ def test_truncated_mnist_is_not_reported_missing(nb, tmp_path):
     images.write_bytes(images.read_bytes()[:1000])
     with pytest.raises(ValueError) as error:
         nb.load_mnist(tmp_path)
-    assert "not valid idx files" in str(error.value)
-    assert "MNIST" in str(error.value)
+    assert f"{images} is not a valid MNIST file" in str(error.value)
+    assert "counts 12 images, 9424 bytes with the header, but the file has 1000 bytes" in str(error.value)
+
+
+@pytest.mark.parametrize("header, problem", [
+    ([0x801, 12, 28, 28], "does not start with the idx header 2051"),
+    ([0x803, 12, 16, 16], "its images are 16x16, not 28x28"),
+])
+def test_invalid_mnist_header_names_file(nb, tmp_path, header, problem):
+    write_tiny_data(tmp_path, train=12, test=6)
+    images = tmp_path / "mnist" / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(np.array(header, dtype=">i4").tobytes() + bytes(12 * header[2] * header[3]))
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path)
+    assert str(images) in str(error.value)
+    assert problem in str(error.value)
+    assert "download it again" in str(error.value)
+
+
+def test_discriminator_rejects_other_image_sizes(nb):
+    discriminator = nb.Discriminator("mnist", conv_dim=4)
+    assert discriminator(torch.zeros(2, 1, 32, 32)).shape == (2, 11)
+    with pytest.raises(ValueError, match=r"32x32 images, got \(2, 1, 64, 64\)"):
+        discriminator(torch.zeros(2, 1, 64, 64))
 
 
 def test_mnist_labels_outside_digits_rejected(nb, tmp_path):
