@@ -955,3 +955,15 @@ def test_generate_rejects_zero_temperature(part1):
     model = part1.MyLSTM(17, 4, 6, 0.0)
     with pytest.raises(ValueError, match="temperature must be above 0, got 0"):
         part1.generate(model, None, "a b", 3, 5, temperature=0)
+
+
+def test_cell_rejects_mismatched_state_shapes(part1):
+    cell = part1.MyLSTMCell(3, 5)
+    x, state = torch.zeros(2, 3), torch.zeros(2, 5)
+    assert cell(x, (state, state))[0].shape == (2, 5)
+    assert cell(torch.zeros(3), (torch.zeros(5), torch.zeros(5)))[0].shape == (5,), "one unbatched step"
+    for h, c in [(torch.zeros(1, 5), state), (state, torch.zeros(5)), (torch.zeros(2, 4), state)]:
+        with pytest.raises(ValueError, match=r"expected x \(B, 3\) and h, c \(B, 5\)"):
+            cell(x, (h, c))
+    with pytest.raises(ValueError, match=r"got x \(2, 4\)"):
+        cell(torch.zeros(2, 4), (state, state))
