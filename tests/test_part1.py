@@ -827,6 +827,16 @@ def test_overflowing_perplexity_names_learning_rate(part1, tmp_path):
         part1.train_model("MyLSTM", model, batcher, torch.randint(17, (40,)), settings, tmp_path / "big.pt",
                           log=lambda *args: None)
     assert "LEARNING_RATE" in str(error.value)
+    assert "checkpoint" not in str(error.value), "no checkpoint was written before the first evaluation"
+    assert math.isnan(part1.perplexity_of(math.nan))
+
+
+def test_divergence_after_checkpoint_advises_force_retrain(part1, tmp_path):
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1, TRAIN_STEPS=2))
+    assert "FORCE_RETRAIN=True" in part1.divergence_advice(path, 0.5)
+    assert str(path) in part1.divergence_advice(path, 0.5)
+    assert "FORCE_RETRAIN" not in part1.divergence_advice(tmp_path / "none.pt", 0.5)
 
 
 def test_nan_loss_stops_with_model_and_step(part1, tmp_path):
@@ -949,6 +959,10 @@ def test_window_and_batch_must_be_positive(part1):
         part1.WindowBatcher(ids, 0, 3, 0)
     with pytest.raises(ValueError, match="batch_size must be a whole number of 1 or more, got 0"):
         list(part1.evaluation_windows(ids, 5, 0))
+    with pytest.raises(ValueError, match="window must be a whole number of 1 or more, got True"):
+        part1.WindowBatcher(ids, True, 3, 0)
+    batcher = part1.WindowBatcher(ids, np.int64(5), torch.tensor(4), 0)       # NumPy and tensor integers work
+    assert batcher.batch(0)[0].shape == (4, 5)
 
 
 def test_generate_rejects_zero_temperature(part1):

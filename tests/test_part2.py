@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import os
+import re
 import urllib.error
 from pathlib import Path
 
@@ -938,8 +939,9 @@ def test_invalid_mnist_header_names_file(nb, tmp_path, header, problem):
 def test_discriminator_rejects_other_image_sizes(nb):
     discriminator = nb.Discriminator("mnist", conv_dim=4)
     assert discriminator(torch.zeros(2, 1, 32, 32)).shape == (2, 11)
-    with pytest.raises(ValueError, match=r"32x32 images, got \(2, 1, 64, 64\)"):
-        discriminator(torch.zeros(2, 1, 64, 64))
+    for shape in [(2, 1, 64, 64), (2, 32, 32, 1)]:
+        with pytest.raises(ValueError, match=r"shape \(B, C, 32, 32\), got " + re.escape(str(shape))):
+            discriminator(torch.zeros(shape))
 
 
 def test_mnist_labels_outside_digits_rejected(nb, tmp_path):

@@ -65,7 +65,8 @@ def test_failing_cell_names_notebook_and_keeps_copy(tmp_path):
     assert not failed.exists(), "a finished run removes the stale copy of a failed one"
 
 
-def test_resume_advice_drops_force_retrain():
+def test_resume_advice_drops_force_retrain(monkeypatch):
+    monkeypatch.delenv("FORCE_RETRAIN", raising=False)
     assert run_notebooks.resume_advice({}) == "run the same command again to resume"
     assert "without FORCE_RETRAIN" in run_notebooks.resume_advice({"FORCE_RETRAIN": "On"})
     assert "without" not in run_notebooks.resume_advice({"FORCE_RETRAIN": "0"})
@@ -144,10 +145,35 @@ def test_setting_names_come_from_parameters_cell(repo_root):
 
 
 @pytest.mark.parametrize("profile, cuda, expected", [
-    ("auto", False, "cpu"), ("auto", True, "full"), (" Auto ", False, "cpu"), ("smoke", True, "smoke"),
+    ("auto", False, "cpu"), ("auto", True, "full"), ("smoke", True, "smoke"),
     ("cpu", True, "cpu")])
 def test_auto_profile_resolves_by_cuda(monkeypatch, profile, cuda, expected):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert run_notebooks.resolved_profile(profile) == expected
+
+
+def test_interrupted_run_keeps_good_copy(tmp_path, monkeypatch):
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("y = 2")]
+    path = tmp_path / "slow.ipynb"
+    nbformat.write(notebook, path)
+    output = tmp_path / "executed" / "slow.ipynb"
+    output.parent.mkdir()
+    output.write_text("the copy of the last run that finished")
+    original = run_notebooks.EchoingClient.execute_cell
+
+    def interrupt_second_cell(client, cell, index, *args, **kwargs):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(client, cell, index, *args, **kwargs)
+
+    monkeypatch.setattr(run_notebooks.EchoingClient, "execute_cell", interrupt_second_cell)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_notebooks.execute_notebook(path, output, log=lambda *args, **kwargs: lines.append(args[0]))
+    assert output.read_text() == "the copy of the last run that finished"
+    failed = tmp_path / "executed" / "slow.failed.ipynb"
+    assert nbformat.read(failed, as_version=4).cells[0].execution_count == 1
+    assert any("interrupted" in line and str(failed) in line for line in lines)

@@ -138,6 +138,8 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
         except OSError as error:
             log(f"[{notebook_path.name}] could not write the executed copy to {written}: {error}")
             written = None
+        if not finished and failure is None and written is not None:   # interrupted, e.g. by Ctrl-C
+            log(f"[{notebook_path.name}] interrupted; executed copy so far: {written}")
     if failure is not None:
         if written is not None:
             log(f"[{notebook_path.name}] executed copy of the failed run kept for inspection: {written}")
@@ -182,7 +184,7 @@ def resolved_profile(profile: str) -> str:
 
     The notebooks resolve "auto" with the same rule in their settings code.
     """
-    if profile.strip().lower() != "auto":       # PROFILE from the environment is not checked by argparse
+    if profile != "auto":
         return profile
     import torch
 
