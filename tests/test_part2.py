@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
 import re
 import urllib.error
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from test_part1 import MakeFolderOnLoad
 
 from tools.nbdefs import load_definitions, tagged_cells
 
@@ -646,16 +646,6 @@ def test_unreadable_checkpoint_names_file(tiny_run, content):
         tiny_run.train_cyclegan("run", 11, 2)
     assert str(checkpoint) in str(error.value)
     assert "FORCE_RETRAIN" in str(error.value)
-
-
-class MakeFolderOnLoad:
-    """Unpickling this calls os.mkdir: a stand-in for a checkpoint that runs code when loaded."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 def test_code_running_checkpoint_is_rejected(tiny_run, tmp_path):

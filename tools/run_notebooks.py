@@ -73,7 +73,7 @@ def failed_copy_path(output_path: str | os.PathLike) -> Path:
 
 
 def resume_advice(env: dict[str, str]) -> str:
-    """Say how to resume after an interrupted run: FORCE_RETRAIN would start from scratch again."""
+    """Return the advice for resuming an interrupted run, which must drop FORCE_RETRAIN if it was set."""
     force = env.get("FORCE_RETRAIN", os.environ.get("FORCE_RETRAIN", ""))
     if force.strip().lower() in TRUE_WORDS:
         return "run the same command without FORCE_RETRAIN to resume from them"
@@ -87,8 +87,8 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
 
     ``env`` is added to this process's environment for the kernel. What the
     cells print goes to ``log`` as it arrives when ``echo_output`` is true.
-    Raises ``NotebookFailed`` naming the notebook and the cell when a cell raises;
-    the executed copy then goes to ``failed_copy_path(output_path)`` and a copy
+    Raises ``NotebookFailed`` naming the notebook and the cell when a cell raises.
+    The executed copy then goes to ``failed_copy_path(output_path)``, and a copy
     already at ``output_path`` is left as it is.
     """
     notebook_path = Path(notebook_path)
