@@ -930,15 +930,6 @@ def test_results_record_this_cpu(part1, this_cpu):
         assert (hardware["cpu"], hardware["cpu_family"], hardware["cpu_model"]) == this_cpu
 
 
-def test_unwritable_output_folder_names_setting(part1, tmp_path):
-    not_a_folder = tmp_path / "report"
-    not_a_folder.write_text("a file")
-    with pytest.raises(OSError, match="REPORT_DIR") as error:
-        part1.check_output_folders({tmp_path / "checkpoints": "CHECKPOINT_DIR", not_a_folder / "figures": "REPORT_DIR"})
-    assert str(not_a_folder / "figures") in str(error.value)
-    assert (tmp_path / "checkpoints").is_dir(), "folders that can be written are created"
-    assert list((tmp_path / "checkpoints").iterdir()) == [], "the probe file is removed"
-
 
 @pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att", "TorchLSTM"])
 def test_word_ids_checked_for_shape_and_range(part1, name):

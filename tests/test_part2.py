@@ -961,13 +961,3 @@ def test_results_record_this_cpu(nb, this_cpu):
     assert hardware["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if this_cpu is not None:
         assert (hardware["cpu"], hardware["cpu_family"], hardware["cpu_model"]) == this_cpu
-
-
-def test_unwritable_output_folder_names_setting(nb, tmp_path):
-    not_a_folder = tmp_path / "report"
-    not_a_folder.write_text("a file")
-    with pytest.raises(OSError, match="REPORT_DIR") as error:
-        nb.check_output_folders({tmp_path / "checkpoints": "CHECKPOINT_DIR", not_a_folder / "figures": "REPORT_DIR"})
-    assert str(not_a_folder / "figures") in str(error.value)
-    assert (tmp_path / "checkpoints").is_dir(), "folders that can be written are created"
-    assert list((tmp_path / "checkpoints").iterdir()) == [], "the probe file is removed"

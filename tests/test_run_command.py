@@ -10,6 +10,7 @@ import test_part1
 import test_part2
 
 from tools import run_notebooks
+from tools.nbdefs import load_definitions
 
 
 def test_run_command_executes_both_notebooks(tmp_path, capsys):
@@ -177,3 +178,18 @@ def test_interrupted_run_keeps_good_copy(tmp_path, monkeypatch):
     failed = tmp_path / "executed" / "slow.failed.ipynb"
     assert nbformat.read(failed, as_version=4).cells[0].execution_count == 1
     assert any("interrupted" in line and str(failed) in line for line in lines)
+
+
+@pytest.mark.parametrize("name", run_notebooks.NOTEBOOKS)
+def test_notebook_names_unwritable_output_folder(repo_root, tmp_path, name):
+    definitions = load_definitions(repo_root / name, env={
+        "PROFILE": "smoke", "DATA_DIR": str(tmp_path / "data"), "REPORT_DIR": str(tmp_path / "unused"),
+        "CHECKPOINT_DIR": str(tmp_path / "unused")})
+    not_a_folder = tmp_path / "report"
+    not_a_folder.write_text("a file")
+    with pytest.raises(OSError, match="REPORT_DIR") as error:
+        definitions.check_output_folders({tmp_path / "checkpoints": "CHECKPOINT_DIR",
+                                          not_a_folder / "figures": "REPORT_DIR"})
+    assert str(not_a_folder / "figures") in str(error.value)
+    assert (tmp_path / "checkpoints").is_dir(), "folders that can be written are created"
+    assert list((tmp_path / "checkpoints").iterdir()) == [], "the probe file is removed"
