@@ -972,3 +972,21 @@ def test_cell_rejects_mismatched_state_shapes(part1):
             cell(x, (h, c))
     with pytest.raises(ValueError, match=r"got x \(2, 4\)"):
         cell(torch.zeros(2, 4), (state, state))
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 160000000000 bytes", MemoryError),
+    ("another error", RuntimeError),
+])
+def test_model_too_large_names_sizes(part1, monkeypatch, message, expected):
+    def failing_model(*args):
+        raise RuntimeError(message)
+
+    monkeypatch.setitem(part1.MODEL_CLASSES, "MyLSTM", failing_model)
+    with pytest.raises(expected) as error:
+        part1.build_model("MyLSTM", 10_000, 0)
+    if expected is MemoryError:
+        assert f"HIDDEN_SIZE={part1.HIDDEN_SIZE}" in str(error.value)
+        assert "lower the sizes" in str(error.value)
+    else:
+        assert str(error.value) == "another error", "other errors pass through unchanged"

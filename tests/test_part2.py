@@ -961,3 +961,12 @@ def test_results_record_this_cpu(nb, this_cpu):
     assert hardware["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if this_cpu is not None:
         assert (hardware["cpu"], hardware["cpu_family"], hardware["cpu_model"]) == this_cpu
+
+
+def test_cyclegan_too_large_names_widths(nb, monkeypatch):
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 160000000000 bytes")
+
+    monkeypatch.setattr(nb, "Generator", out_of_memory)
+    with pytest.raises(MemoryError, match=r"CONV_DIM_G=100000 and CONV_DIM_D=4 ran out of memory"):
+        nb.build_cyclegan(100_000, 4)
