@@ -154,7 +154,7 @@ def test_auto_profile_follows_cuda(nb):
     assert gpu["GAN_STEPS"] == nb.PROFILE_SETTINGS["full"]["GAN_STEPS"]
 
 
-def test_profile_and_target_ignore_case_and_spaces(nb):
+def test_profile_and_target_ignore_case(nb):
     defaults = {name: nb.SETTINGS[name] for name in nb.SETTING_NAMES}
     settings = nb.resolve_settings(defaults, nb.PROFILE_SETTINGS,
                                    {"PROFILE": " Smoke ", "TARGET_DOMAIN": "Synthetic"}, False)

@@ -73,7 +73,7 @@ def test_resume_advice_drops_force_retrain(monkeypatch):
     assert "without" not in run_notebooks.resume_advice({"FORCE_RETRAIN": "0"})
 
 
-def test_unwritable_report_dir_stops_before_any_notebook(tmp_path, capsys):
+def test_unwritable_report_dir_stops_early(tmp_path, capsys):
     not_a_folder = tmp_path / "report"
     not_a_folder.write_text("a file where the report folder should be")
     with pytest.raises(SystemExit):
@@ -85,7 +85,7 @@ def test_unwritable_report_dir_stops_before_any_notebook(tmp_path, capsys):
     assert not_a_folder.read_text() == "a file where the report folder should be"
 
 
-def test_checkpoint_dir_that_is_a_file_is_rejected(tmp_path, capsys):
+def test_checkpoint_dir_file_rejected(tmp_path, capsys):
     not_a_folder = tmp_path / "checkpoints"
     not_a_folder.write_text("")
     with pytest.raises(SystemExit):
@@ -103,6 +103,15 @@ def test_profile_from_environment_is_checked(monkeypatch, capsys):
     message = capsys.readouterr().err
     assert "'bogus'" in message
     assert "--profile" in message
+
+
+def test_profile_from_environment_ignores_case(monkeypatch, capsys):
+    monkeypatch.setenv("PROFILE", " Smoke ")
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--set", "NO_SUCH_SETTING=1"])      # stops after the profile check
+    message = capsys.readouterr().err
+    assert "environment variable PROFILE" not in message, "the profile is accepted"
+    assert "no such setting" in message
 
 
 @pytest.mark.parametrize("name", ["README.md", "docs"])
@@ -177,7 +186,9 @@ def test_interrupted_run_keeps_good_copy(tmp_path, monkeypatch):
     assert output.read_text() == "the copy of the last run that finished"
     failed = tmp_path / "executed" / "slow.failed.ipynb"
     assert nbformat.read(failed, as_version=4).cells[0].execution_count == 1
-    assert any("interrupted" in line and str(failed) in line for line in lines)
+    interrupted = [line for line in lines if "interrupted" in line]
+    assert len(interrupted) == 1
+    assert str(failed) in interrupted[0]
 
 
 @pytest.mark.parametrize("name", run_notebooks.NOTEBOOKS)

@@ -215,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override any other setting, e.g. --set TARGET_DOMAIN=synthetic")
     args = parser.parse_args(argv)
-    if args.profile not in PROFILES:                  # a PROFILE variable bypasses argparse's choices
+    # A PROFILE variable bypasses argparse's choices. The notebooks read " Smoke " as smoke, and so does this.
+    profile = args.profile.strip().lower()
+    if profile not in PROFILES:
         parser.error(f"the environment variable PROFILE is {args.profile!r}, not one of {', '.join(PROFILES)}; "
                      f"unset it or pass e.g. --profile cpu")
+    args.profile = profile
 
     report_dir = Path(args.report_dir).resolve()
     env = {"PROFILE": args.profile, "DATA_DIR": str(Path(args.data_dir).resolve()),
