@@ -23,9 +23,10 @@ NOTEBOOK = "part1_lstm.ipynb"
 @pytest.fixture(scope="module")
 def part1(repo_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("part1_defs")
+    # MIXED_PRECISION's default depends on the CPU, so it is off here and the tests that want it switch it on.
     return load_definitions(repo_root / NOTEBOOK, env={
         "PROFILE": "smoke", "DATA_DIR": str(folder / "data"), "REPORT_DIR": str(folder / "report"),
-        "CHECKPOINT_DIR": str(folder / "checkpoints")})
+        "CHECKPOINT_DIR": str(folder / "checkpoints"), "MIXED_PRECISION": "0"})
 
 
 def copy_weights_into(cell, reference):
@@ -266,6 +267,107 @@ def test_onednn_linear_follows_cpu_autocast(onednn):
     layer = onednn.OneDNNLinear(6, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(2, 6)).dtype == torch.bfloat16
+
+
+@pytest.fixture
+def mixed_precision(part1):
+    """Switch MIXED_PRECISION on for one test and restore the setting after it."""
+    saved = part1.MIXED_PRECISION
+    part1.MIXED_PRECISION = True
+    yield part1
+    part1.MIXED_PRECISION = saved
+
+
+def bfloat16_reference(*tensors):
+    """The tensors rounded to bfloat16, then widened to float64 for an exact reference product."""
+    return [tensor.detach().to(torch.bfloat16).double() for tensor in tensors]
+
+
+def test_mixed_precision_rounds_output_layer(mixed_precision):
+    torch.manual_seed(11)
+    layer = mixed_precision.OutputLinear(24, 40)
+    x = torch.randn(5, 7, 24)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, y.to(torch.bfloat16).float()), "the logits must be rounded to bfloat16"
+    x16, weight16, bias16 = bfloat16_reference(x, layer.weight, layer.bias)
+    expected = x16 @ weight16.t() + bias16
+    # Rounding the float32 sum to bfloat16 once costs at most 2**-8 of the value, on top of the sum's own error.
+    torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-5)
+    float32 = nn.functional.linear(x, layer.weight, layer.bias)
+    assert (y - float32).abs().max() > 1e-4, "the bfloat16 path was not taken"
+
+
+def test_mixed_precision_gradients_are_float32(mixed_precision):
+    torch.manual_seed(12)
+    layer = mixed_precision.OutputLinear(24, 40)
+    x = torch.randn(9, 24, requires_grad=True)
+    grad_y = torch.randn(9, 40)
+    grads = torch.autograd.grad(layer(x), [x, layer.weight, layer.bias], grad_y)
+    x16, weight16, grad16 = bfloat16_reference(x, layer.weight, grad_y)
+    expected = (grad16 @ weight16, grad16.t() @ x16, grad16.sum(0))
+    for name, grad, reference in zip(("input", "weight", "bias"), grads, expected):
+        assert grad.dtype == torch.float32, name
+        # The backward products and the bias sum are rounded to bfloat16 once each.
+        torch.testing.assert_close(grad.double(), reference, rtol=2**-7, atol=1e-4, msg=name)
+
+
+def test_mixed_precision_skips_evaluation(mixed_precision):
+    """In eval mode the layer multiplies in float32, exactly as with the setting off."""
+    torch.manual_seed(13)
+    layer = mixed_precision.OutputLinear(24, 40).eval()
+    x = torch.randn(6, 24)
+    on = layer(x)
+    mixed_precision.MIXED_PRECISION = False
+    assert torch.equal(on, layer(x))
+
+
+def test_mixed_precision_keeps_cell_float32(mixed_precision):
+    """Only the output layer rounds: the cell and its plain loop match torch.nn.LSTMCell in float32."""
+    part1 = mixed_precision
+    torch.manual_seed(15)
+    reference = nn.LSTMCell(5, 7)
+    cell = part1.MyLSTMCell(5, 7)
+    copy_weights_into(cell, reference)
+    assert cell.training
+    x, h, c = torch.randn(3, 5), torch.randn(3, 7), torch.randn(3, 7)
+    for mine, expected in zip(cell(x, (h, c)), reference(x, (h, c))):
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
+    inputs = torch.randn(3, 6, 5)
+    torch.testing.assert_close(part1.run_cell_over_window(cell, inputs, fused=False),
+                               part1.run_cell_over_window(cell, inputs, fused=True), rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_precision_leaves_float64_alone(mixed_precision):
+    torch.manual_seed(14)
+    layer = mixed_precision.OutputLinear(6, 9).double()
+    x = torch.randn(3, 6, dtype=torch.double)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att", "TorchLSTM"])
+def test_mixed_precision_models_match_float32(mixed_precision, name):
+    """A training-mode forward and backward pass with MIXED_PRECISION on stays within bfloat16's rounding."""
+    part1 = mixed_precision
+    x = torch.randint(50, (6, 11))
+    targets = torch.randint(50, (6, 11))
+    results = []
+    for on in (True, False):
+        part1.MIXED_PRECISION = on
+        torch.manual_seed(0)
+        model = part1.MODEL_CLASSES[name](50, 16, 24, 0.0)
+        logits = model.forward_all(x)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        results.append((logits, torch.autograd.grad(loss, list(model.parameters()))))
+    (logits_on, grads_on), (logits_off, grads_off) = results
+    assert not torch.equal(logits_on, logits_off), "the bfloat16 path was not taken"
+    # Each rounded input carries a relative error of up to 2**-9, and a sum of terms of both signs can
+    # lose relative accuracy, so the bound is 2**-6 of the largest logit rather than one rounding.
+    torch.testing.assert_close(logits_on, logits_off, rtol=0, atol=2**-6 * logits_off.abs().max().item())
+    for (param_name, _), on, off in zip(model.named_parameters(), grads_on, grads_off):
+        scale = off.abs().max().item()
+        assert scale > 0, param_name
+        torch.testing.assert_close(on, off, rtol=0, atol=0.02 * scale, msg=f"gradient of {param_name}")
 
 
 @needs_onednn
@@ -663,12 +765,39 @@ def test_onednn_matmul_auto_follows_cpu(repo_root, tmp_path, monkeypatch, capabi
     assert module.describe_hardware()["cpu_capability"] == capability
 
 
+@pytest.mark.parametrize("bfloat16, amx, env_value, expected", [
+    (True, False, None, True),     # the default, "auto": bfloat16 where the CPU has the instructions
+    (False, True, None, True),
+    (False, False, None, False),
+    (False, False, "yes", True),   # an explicit value wins over the CPU
+    (True, False, "0", False),
+])
+def test_mixed_precision_auto_follows_cpu(repo_root, tmp_path, monkeypatch, bfloat16, amx, env_value, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bfloat16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path)}
+    if env_value is not None:
+        env["MIXED_PRECISION"] = env_value
+    module = load_definitions(repo_root / NOTEBOOK, module_name="part1_mixed_auto", env=env)
+    assert module.MIXED_PRECISION is expected
+    assert module.SETTINGS["MIXED_PRECISION"] is expected
+    assert module.describe_hardware()["cpu_bfloat16"] is (bfloat16 or amx)
+
+
+def test_mixed_precision_auto_off_on_gpu(part1, monkeypatch):
+    """Not measured on a GPU, so "auto" keeps float32 there even where the CPU has bfloat16."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert part1.mixed_precision_helps()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not part1.mixed_precision_helps()
+
+
 @pytest.mark.parametrize("name, value", [
     ("HIDDEN_SIZE", "abc"), ("FORCE_RETRAIN", "maybe"), ("PROFILE", "huge"), ("HIDDEN_SIZE", "0"),
     ("WINDOW", "-3"), ("BATCH_SIZE", "0"), ("EVAL_EVERY", "0"), ("TRAIN_STEPS", "-5"), ("DROPOUT", "1.5"),
     ("GRAD_CLIP", "-1"), ("LEARNING_RATE", "nan"), ("SEED", "-1"), ("NUM_THREADS", "-2"),
     ("VALID_TOKENS_DURING_TRAINING", "-5"), ("ONEDNN_MATMUL", "none"), ("ONEDNN_MATMUL", "sometimes"),
-    ("FUSED_ADAM", "none"), ("FUSED_ADAM", "auto"),
+    ("FUSED_ADAM", "none"), ("FUSED_ADAM", "auto"), ("MIXED_PRECISION", "none"), ("MIXED_PRECISION", "half"),
     ("KEEP_FREED_MEMORY", "2")])
 def test_invalid_setting_names_value(repo_root, tmp_path, name, value):
     env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path), name: value}
