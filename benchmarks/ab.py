@@ -1,15 +1,17 @@
 """Time one speed setting on and off in one process, in alternating blocks of training steps.
 
-    .venv/bin/python -m benchmarks.ab                       # both settings, a few minutes on 2 cores
+    .venv/bin/python -m benchmarks.ab                       # all three settings, a few minutes on 2 cores
     .venv/bin/python -m benchmarks.ab --only onednn --blocks 16
 
 The main benchmark runs each case in its own process, minutes apart, so a shared machine's drift
 of 20% and more falls between the cases it compares. Here both variants live in one process and
 take turns, in blocks of --steps timed training steps, the order flipping every block, so drift
-falls on both alike. Two comparisons:
+falls on both alike. Three comparisons:
 
 - onednn times a training step with ONEDNN_MATMUL on and off: forward_all over a 64 x 35 window,
-  the loss, backward and Adam, for MyLSTM, MyLSTM_att and TorchLSTM at the part 1 cpu sizes.
+  the loss, backward and Adam, for MyLSTM, MyLSTM_att and TorchLSTM at the part 1 cpu sizes. The
+  other settings keep the notebook's defaults.
+- mixed-precision times the same steps with MIXED_PRECISION on and off.
 - channels-last times one CycleGAN iteration (all four training functions) at the part 2 cpu
   profile's widths and batch, with networks and batches in channels-last and in the default layout.
 
@@ -34,6 +36,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.benchmark import LSTM_SIZES, VOCAB_SIZE, default_output, describe_machine, writable_output  # noqa: E402
 from tools.nbdefs import load_definitions  # noqa: E402
 
+# --only choices for part 1, and the setting each one turns on and off.
+LSTM_SETTINGS = {"onednn": "ONEDNN_MATMUL", "mixed-precision": "MIXED_PRECISION"}
+
 
 def alternate(variants, blocks, steps, warmup):
     """Time `variants` ({name: step function}) in alternating blocks and return {name: [seconds]}."""
@@ -51,8 +56,8 @@ def alternate(variants, blocks, steps, warmup):
     return times
 
 
-def onednn_comparisons(blocks, steps, warmup):
-    """Yield (model, {setting value: [seconds]}) for each language model, ONEDNN_MATMUL on and off."""
+def setting_comparisons(setting, blocks, steps, warmup):
+    """Yield (model, {setting value: [seconds]}) for each language model, the part 1 `setting` on and off."""
     part1 = load_definitions(REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
     size = LSTM_SIZES["cpu"]
     inputs = torch.randint(VOCAB_SIZE, (size["batch"], size["window"]))
@@ -62,10 +67,10 @@ def onednn_comparisons(blocks, steps, warmup):
         model = part1.MODEL_CLASSES[name](VOCAB_SIZE, size["embed"], size["hidden"], 0.2)
         optimizer = part1.make_optimizer(model, 1e-3)
 
-        def step_with(onednn, model=model, optimizer=optimizer):
+        def step_with(value, model=model, optimizer=optimizer):
             def step():
                 # The setting is a module global that every matrix multiply reads when it runs.
-                part1.ONEDNN_MATMUL = onednn
+                setattr(part1, setting, value)
                 logits = model.forward_all(inputs)
                 loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
                 optimizer.zero_grad(set_to_none=True)
@@ -110,7 +115,7 @@ def summarise(comparison, case, times):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["onednn", "channels-last"], help="run one comparison only")
+    parser.add_argument("--only", choices=list(LSTM_SETTINGS) + ["channels-last"], help="run one comparison only")
     parser.add_argument("--blocks", type=int, default=12, help="blocks per variant (default 12)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per block (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
@@ -126,9 +131,10 @@ def main(argv=None):
         machine, "cpu", REPO_ROOT / "benchmarks" / "results", kind="ab"))
 
     rows = []
-    if args.only in (None, "onednn"):
-        for model_name, times in onednn_comparisons(args.blocks, args.steps, args.warmup):
-            rows += summarise("ONEDNN_MATMUL", model_name, times)
+    for choice, setting in LSTM_SETTINGS.items():
+        if args.only in (None, choice):
+            for model_name, times in setting_comparisons(setting, args.blocks, args.steps, args.warmup):
+                rows += summarise(setting, model_name, times)
     if args.only in (None, "channels-last"):
         rows += summarise("CHANNELS_LAST", "CycleGAN iteration", channels_last_comparison(
             args.blocks, args.steps, args.warmup))

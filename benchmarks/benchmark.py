@@ -12,8 +12,10 @@ the spread (min, max). FLOPs are counted by torch.utils.flop_counter on one
 step: matrix multiplies and convolutions, forward and backward, which is the
 useful arithmetic; element-wise work is not counted. The machine's rate is the
 best of a large float32 matrix multiply through torch.mm and through oneDNN,
-measured in the same run. Results go to benchmarks/results/<date>-<device>-<capability>.json,
-for example 2026-12-04-cpu-avx2.json, and a Markdown table is printed. An earlier file of
+measured in the same run. Where the CPU has bfloat16 instructions, the rate
+of a bfloat16 torch.mm is recorded beside it. Results go to
+benchmarks/results/<date>-<device>-<capability>.json, for example
+2026-12-04-cpu-avx2.json, and a Markdown table is printed. An earlier file of
 the same name is kept, and the new one gets its start time added to its name.
 """
 
@@ -41,10 +43,13 @@ LSTM_SIZES = {"cpu": {"embed": 200, "hidden": 200, "batch": 64, "window": 35},
 # step after one x2h matmul for the whole window, "naive" calls MyLSTMCell.forward per time step.
 LSTM_MODELS = [("TorchLSTM", "fused"), ("MyLSTM", "fused"), ("MyLSTM", "loop"), ("MyLSTM", "naive"),
                ("MyLSTM_att", "fused")]
-# The notebook's speed settings, on by default except ONEDNN_MATMUL, which is on where the CPU has
-# AVX-512. An ablation case turns one of them off (-NAME, or all of them with -all) or on (+NAME)
-# for MyLSTM's training path at the cpu sizes, to show what it buys.
-SPEED_SETTINGS = ("ONEDNN_MATMUL", "FUSED_ADAM", "KEEP_FREED_MEMORY")
+# The notebook's speed settings, on by default except two that depend on the CPU: ONEDNN_MATMUL is
+# on where it has AVX-512 and MIXED_PRECISION where it has bfloat16 instructions. An ablation case
+# turns one of them off (-NAME, or all of them with -all) or on (+NAME) for MyLSTM's training path
+# at the cpu sizes, to show what it buys.
+SPEED_SETTINGS = ("ONEDNN_MATMUL", "MIXED_PRECISION", "FUSED_ADAM", "KEEP_FREED_MEMORY")
+# Settings whose default depends on the CPU, so that their ablation runs both ways.
+CPU_DEPENDENT_SETTINGS = ("ONEDNN_MATMUL", "MIXED_PRECISION")
 VOCAB_SIZE = 10_000
 
 
@@ -67,6 +72,24 @@ def count_flops(function):
     with counter:
         function()
     return counter.get_total_flops()
+
+
+def cpu_has_bfloat16():
+    """Return whether PyTorch reports bfloat16 instructions on this CPU (AVX512_BF16 or AMX), as the notebook checks."""
+    import torch
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def bfloat16_matmul_rate(device, size=4096, repeats=10):
+    """Best bfloat16 torch.mm rate in FLOP/s, or None on a CPU without bfloat16 instructions."""
+    import torch
+    if device.type == "cpu" and not cpu_has_bfloat16():
+        return None
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return 2 * size ** 3 / min(timed(lambda: a @ b, repeats, 3, synchronize))
 
 
 def matmul_rate(device, size=4096, repeats=10):
@@ -205,9 +228,8 @@ def all_cases(only):
                     cases.append(f"lstm:{model_name}:{mode}:{size_name}:{path}")
         for name in (*SPEED_SETTINGS, "all"):
             cases.append(f"lstm:MyLSTM:fused:cpu:training:-{name}")
-        # ONEDNN_MATMUL's default depends on the CPU, so its ablation runs both ways. One of the two
-        # equals the default.
-        cases.append("lstm:MyLSTM:fused:cpu:training:+ONEDNN_MATMUL")
+        # One of each pair equals the default.
+        cases += [f"lstm:MyLSTM:fused:cpu:training:+{name}" for name in CPU_DEPENDENT_SETTINGS]
     if only in (None, "cyclegan"):
         cases += ["cyclegan:cpu", "cyclegan:full"]
     return cases
@@ -236,7 +258,7 @@ def describe_machine():
             "cpu_family": identity.get("cpu_family"), "cpu_model": identity.get("cpu_model"),
             "avx512": identity.get("avx512"),
             # The widest vector instructions PyTorch's own kernels use here, e.g. AVX2 or AVX512.
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bfloat16": cpu_has_bfloat16(),
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__,
@@ -429,9 +451,12 @@ def main(argv=None):
         machine, device.type, REPO_ROOT / "benchmarks" / "results"))
     rates = matmul_rate(device)
     machine_rate = max(rates.values())
+    # Recorded beside the float32 rates, not used for the shares, which are of the float32 rate.
+    bfloat16_rate = bfloat16_matmul_rate(device)
     print(f"{machine['cpu']} ({machine['torch_cpu_capability']}), {machine['cpu_cores']} cores, "
           f"GPU {machine['gpu']}; float32 matmul: "
-          + ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items()), flush=True)
+          + ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items())
+          + ("" if bfloat16_rate is None else f"; bfloat16 torch.mm {bfloat16_rate / 1e9:.0f} GFLOP/s"), flush=True)
 
     # Every case runs once per round, in the same order each round, so that a slow spell of a shared
     # machine falls on all cases alike instead of on the few that ran during it.
@@ -452,7 +477,8 @@ def main(argv=None):
                   f"{result['peak_memory_mib']:6.0f} MiB", flush=True)
     rows = [summarise(case, result, machine_rate) for case, result in results.items()]
 
-    output.write_text(json.dumps({"machine": machine, "matmul_rate_flop_s": rates, "repeats": args.repeats,
+    output.write_text(json.dumps({"machine": machine, "matmul_rate_flop_s": rates,
+                                  "bfloat16_matmul_rate_flop_s": bfloat16_rate, "repeats": args.repeats,
                                   "warmup": args.warmup, "rounds": args.rounds,
                                   "flops_counted_on": "the same model run as a plain loop with oneDNN off "
                                                       "(MyLSTM for TorchLSTM)",

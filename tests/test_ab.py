@@ -26,16 +26,17 @@ def test_summarise_gives_ratio_to_first_variant():
     assert (rows[1]["min_ms"], rows[1]["max_ms"]) == pytest.approx((100.0, 200.0))
 
 
-def test_main_runs_both_comparisons(tmp_path, monkeypatch, capsys):
+def test_main_runs_every_comparison(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(benchmark.LSTM_SIZES, "cpu", {"embed": 6, "hidden": 8, "batch": 4, "window": 5})
     monkeypatch.setattr(ab, "VOCAB_SIZE", 50)
     output = tmp_path / "ab.json"
     assert ab.main(["--blocks", "2", "--steps", "1", "--warmup", "0", "--output", str(output)]) == 0
     rows = json.loads(output.read_text())["rows"]
     cases = [(row["comparison"], row["case"], row["variant"]) for row in rows]
-    assert cases == [("ONEDNN_MATMUL", model, variant) for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM")
-                     for variant in ("on", "off")] + [("CHANNELS_LAST", "CycleGAN iteration", "channels-last"),
-                                                      ("CHANNELS_LAST", "CycleGAN iteration", "default")]
+    language_models = [(setting, model, variant) for setting in ("ONEDNN_MATMUL", "MIXED_PRECISION")
+                       for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM") for variant in ("on", "off")]
+    assert cases == language_models + [("CHANNELS_LAST", "CycleGAN iteration", "channels-last"),
+                                       ("CHANNELS_LAST", "CycleGAN iteration", "default")]
     assert all(row["steps"] == 2 for row in rows)
     assert all(row["median_ms"] > 0 for row in rows)
     assert "| ONEDNN_MATMUL | MyLSTM | off |" in capsys.readouterr().out

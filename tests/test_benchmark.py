@@ -43,9 +43,10 @@ def test_case_counts_all_matmul_flops(small_sizes, case):
 
 
 def default_settings():
-    """Return the notebook's default speed settings. All are on, ONEDNN_MATMUL only where the CPU has AVX-512."""
-    return {name: name != "ONEDNN_MATMUL" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-            for name in benchmark.SPEED_SETTINGS}
+    """Return the notebook's default speed settings: all on, but two only where the CPU has the instructions."""
+    cpu_dependent = {"ONEDNN_MATMUL": torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                     "MIXED_PRECISION": benchmark.cpu_has_bfloat16()}
+    return {name: cpu_dependent.get(name, True) for name in benchmark.SPEED_SETTINGS}
 
 
 def test_case_runs_with_default_speed_settings(small_sizes):
@@ -56,6 +57,8 @@ def test_case_runs_with_default_speed_settings(small_sizes):
 @pytest.mark.parametrize("ablation, forced", [
     ("-ONEDNN_MATMUL", {"ONEDNN_MATMUL": False}),
     ("+ONEDNN_MATMUL", {"ONEDNN_MATMUL": True}),
+    ("-MIXED_PRECISION", {"MIXED_PRECISION": False}),
+    ("+MIXED_PRECISION", {"MIXED_PRECISION": True}),
     ("-KEEP_FREED_MEMORY", {"KEEP_FREED_MEMORY": False}),
     ("-all", {name: False for name in benchmark.SPEED_SETTINGS}),
 ])
@@ -71,6 +74,7 @@ def test_all_cases_include_the_ablations():
     for name in (*benchmark.SPEED_SETTINGS, "all"):
         assert f"lstm:MyLSTM:fused:cpu:training:-{name}" in cases
     assert "lstm:MyLSTM:fused:cpu:training:+ONEDNN_MATMUL" in cases
+    assert "lstm:MyLSTM:fused:cpu:training:+MIXED_PRECISION" in cases
     assert "cyclegan:cpu" not in cases
 
 
