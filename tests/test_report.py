@@ -65,12 +65,25 @@ def test_report_prose_matches_hosts_of_results(repo_root):
     placeholders follow the new files but that prose does not, so this test fails until it is updated.
     """
     fix = "update the prose in report/REPORT.template.md and this test"
-    for name in ("part1_cpu", "part2_cpu_synthetic"):
+    for name in ("part1_cpu", "part1_cpu_third_host_float32", "part2_cpu_synthetic"):
         hardware = load_results(repo_root, name)["hardware"]
         assert (hardware["cpu_family"], hardware["cpu_model"]) == ("25", "17"), \
             f"{name}.json no longer comes from the third host (AMD family 25, model 17): {fix}"
         assert hardware["cpu_capability"] == "AVX512", f"{name}.json: {fix}"
-    part1, part1_first = load_results(repo_root, "part1_cpu"), load_results(repo_root, "part1_cpu_avx512_host")
+    part1_mixed = load_results(repo_root, "part1_cpu")
+    part1 = load_results(repo_root, "part1_cpu_third_host_float32")
+    part1_first = load_results(repo_root, "part1_cpu_avx512_host")
+    assert part1_mixed["settings"]["MIXED_PRECISION"] is True, f"part1_cpu.json ran in float32: {fix}"
+    assert part1_mixed["wall_time_s"] < 15 * 60 < part1["wall_time_s"], \
+        f"the third host's part 1 runs no longer fit 15 minutes with mixed precision only: {fix}"
+    assert part1["settings"].get("MIXED_PRECISION") is None, "the float32 run predates the setting"
+    largest_change = max(abs(part1_mixed["metrics"]["models"][model]["test"]["perplexity"]
+                             - part1["metrics"]["models"][model]["test"]["perplexity"])
+                         for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM"))
+    assert largest_change < 0.1, f"mixed precision moved a test perplexity by {largest_change:.3f}: {fix}"
+    for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM"):
+        times = [results["metrics"]["models"][model]["train_time_s"] for results in (part1_mixed, part1)]
+        assert times[0] < times[1], f"{model} trained faster in float32 than with mixed precision: {fix}"
     for model in ("MyLSTM", "MyLSTM_att", "TorchLSTM"):
         assert part1["metrics"]["models"][model]["test"] == part1_first["metrics"]["models"][model]["test"], \
             f"{model}'s test results differ between the two AVX-512 hosts: {fix}"
