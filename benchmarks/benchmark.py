@@ -43,7 +43,7 @@ LSTM_SIZES = {"cpu": {"embed": 200, "hidden": 200, "batch": 64, "window": 35},
 # step after one x2h matmul for the whole window, "naive" calls MyLSTMCell.forward per time step.
 LSTM_MODELS = [("TorchLSTM", "fused"), ("MyLSTM", "fused"), ("MyLSTM", "loop"), ("MyLSTM", "naive"),
                ("MyLSTM_att", "fused")]
-# The notebook's speed settings, on by default except two that depend on the CPU: ONEDNN_MATMUL is
+# The notebook's speed settings, on by default except two that depend on the CPU. ONEDNN_MATMUL is
 # on where it has AVX-512 and MIXED_PRECISION where it has bfloat16 instructions. An ablation case
 # turns one of them off (-NAME, or all of them with -all) or on (+NAME) for MyLSTM's training path
 # at the cpu sizes, to show what it buys.
@@ -82,7 +82,7 @@ def cpu_has_bfloat16():
 
 
 def bfloat16_matmul_rate(device, size=4096, repeats=10):
-    """Best bfloat16 torch.mm rate in FLOP/s, or None on a CPU without bfloat16 instructions."""
+    """Return the best bfloat16 torch.mm rate in FLOP/s, or None on a CPU without bfloat16 instructions."""
     import torch
     if device.type == "cpu" and not cpu_has_bfloat16():
         return None

@@ -43,7 +43,7 @@ def test_case_counts_all_matmul_flops(small_sizes, case):
 
 
 def default_settings():
-    """Return the notebook's default speed settings: all on, but two only where the CPU has the instructions."""
+    """Return the notebook's default speed settings, all on except two that need CPU instructions."""
     cpu_dependent = {"ONEDNN_MATMUL": torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
                      "MIXED_PRECISION": benchmark.cpu_has_bfloat16()}
     return {name: cpu_dependent.get(name, True) for name in benchmark.SPEED_SETTINGS}

@@ -153,12 +153,10 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 
 @pytest.fixture
-def onednn(part1):
-    """Switch ONEDNN_MATMUL on for one test and restore the setting after it."""
-    saved = part1.ONEDNN_MATMUL
-    part1.ONEDNN_MATMUL = True
-    yield part1
-    part1.ONEDNN_MATMUL = saved
+def onednn(part1, monkeypatch):
+    """Switch ONEDNN_MATMUL on for one test, and let monkeypatch restore it afterwards."""
+    monkeypatch.setattr(part1, "ONEDNN_MATMUL", True)
+    return part1
 
 
 @needs_onednn
@@ -270,12 +268,10 @@ def test_onednn_linear_follows_cpu_autocast(onednn):
 
 
 @pytest.fixture
-def mixed_precision(part1):
-    """Switch MIXED_PRECISION on for one test and restore the setting after it."""
-    saved = part1.MIXED_PRECISION
-    part1.MIXED_PRECISION = True
-    yield part1
-    part1.MIXED_PRECISION = saved
+def mixed_precision(part1, monkeypatch):
+    """Switch MIXED_PRECISION on for one test, and let monkeypatch restore it afterwards."""
+    monkeypatch.setattr(part1, "MIXED_PRECISION", True)
+    return part1
 
 
 def bfloat16_reference(*tensors):
@@ -323,7 +319,7 @@ def test_mixed_precision_skips_evaluation(mixed_precision):
 
 
 def test_mixed_precision_keeps_cell_float32(mixed_precision):
-    """Only the output layer rounds: the cell and its plain loop match torch.nn.LSTMCell in float32."""
+    """Only the output layer rounds, so the cell and its plain loop still match torch.nn.LSTMCell in float32."""
     part1 = mixed_precision
     torch.manual_seed(15)
     reference = nn.LSTMCell(5, 7)
