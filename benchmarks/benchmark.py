@@ -75,7 +75,11 @@ def count_flops(function):
 
 
 def cpu_has_bfloat16():
-    """Return whether PyTorch reports bfloat16 instructions on this CPU (AVX512_BF16 or AMX), as the notebook checks."""
+    """Return whether PyTorch reports bfloat16 instructions on this CPU (AVX512_BF16 or AMX).
+
+    The same check as the notebook's cpu_has_bfloat16, which decides MIXED_PRECISION's default. A
+    test compares the default settings of a case with this one, so the two cannot drift apart.
+    """
     import torch
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
@@ -250,6 +254,18 @@ def cpu_identity(cpuinfo_text):
             "cpu_model": fields.get("model"), "avx512": "avx512f" in flags if flags else None}
 
 
+def source_version():
+    """Return the repository's commit and whether the working tree differs from it, or None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "uncommitted_changes": bool(status.strip())}
+
+
 def describe_machine():
     import torch
     cpuinfo = Path("/proc/cpuinfo")
@@ -261,7 +277,7 @@ def describe_machine():
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bfloat16": cpu_has_bfloat16(),
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "source": source_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

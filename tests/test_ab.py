@@ -46,3 +46,8 @@ def test_invalid_counts_rejected(capsys):
     with pytest.raises(SystemExit):
         ab.main(["--blocks", "0"])
     assert "--blocks and --steps must be at least 1" in capsys.readouterr().err
+
+
+def test_unknown_setting_rejected():
+    with pytest.raises(ValueError, match="unknown part 1 setting 'NOT_A_SETTING'"):
+        next(ab.setting_comparisons("NOT_A_SETTING", blocks=1, steps=1, warmup=0))

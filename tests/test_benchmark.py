@@ -45,7 +45,7 @@ def test_case_counts_all_matmul_flops(small_sizes, case):
 def default_settings():
     """Return the notebook's default speed settings, all on except two that need CPU instructions."""
     cpu_dependent = {"ONEDNN_MATMUL": torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
-                     "MIXED_PRECISION": benchmark.cpu_has_bfloat16()}
+                     "MIXED_PRECISION": benchmark.cpu_has_bfloat16() and not torch.cuda.is_available()}
     return {name: cpu_dependent.get(name, True) for name in benchmark.SPEED_SETTINGS}
 
 
@@ -76,6 +76,12 @@ def test_all_cases_include_the_ablations():
     assert "lstm:MyLSTM:fused:cpu:training:+ONEDNN_MATMUL" in cases
     assert "lstm:MyLSTM:fused:cpu:training:+MIXED_PRECISION" in cases
     assert "cyclegan:cpu" not in cases
+
+
+def test_machine_record_names_commit():
+    source = benchmark.describe_machine()["source"]
+    assert re.fullmatch(r"[0-9a-f]{40}", source["commit"]), source
+    assert isinstance(source["uncommitted_changes"], bool)
 
 
 def test_rounds_pool_times_and_keep_peak_memory():
