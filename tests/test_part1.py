@@ -335,6 +335,16 @@ def test_mixed_precision_keeps_cell_float32(mixed_precision):
                                part1.run_cell_over_window(cell, inputs, fused=True), rtol=1e-5, atol=1e-6)
 
 
+def torch_func_gradients(model, x):
+    """Return the gradients of model(x).logsumexp(-1).sum() by parameter name, taken by torch.func.grad."""
+    parameters = {key: value.detach() for key, value in model.named_parameters()}
+
+    def loss(parameters):
+        return torch.func.functional_call(model, parameters, (x,)).logsumexp(-1).sum()
+
+    return torch.func.grad(loss)(parameters)
+
+
 def test_mixed_precision_off_under_torch_func(mixed_precision):
     """Under a torch.func transform the output layer computes in float32, as with the setting off."""
     part1 = mixed_precision
@@ -342,12 +352,7 @@ def test_mixed_precision_off_under_torch_func(mixed_precision):
     model = part1.MODEL_CLASSES["MyLSTM"](30, 8, 12, 0.0)
     assert model.training
     x = torch.randint(30, (4, 6))
-    parameters = {key: value.detach() for key, value in model.named_parameters()}
-
-    def loss(parameters):
-        return torch.func.functional_call(model, parameters, (x,)).logsumexp(-1).sum()
-
-    grads = torch.func.grad(loss)(parameters)
+    grads = torch_func_gradients(model, x)
     part1.MIXED_PRECISION = False
     model(x).logsumexp(-1).sum().backward()
     for key, parameter in model.named_parameters():
@@ -396,11 +401,7 @@ def test_torch_func_transforms_take_plain_path(onednn, name):
     assert model.fused
     x = torch.randint(30, (4, 6))
     parameters = {key: value.detach() for key, value in model.named_parameters()}
-
-    def loss(parameters):
-        return torch.func.functional_call(model, parameters, (x,)).logsumexp(-1).sum()
-
-    grads = torch.func.grad(loss)(parameters)
+    grads = torch_func_gradients(model, x)
     fast_path = model.hidden_states(x).grad_fn.next_functions[0][0]      # under the (B, T, H) transpose
     assert fast_path.name() == "LSTMRecurrenceBackward", "the reference must take the fast path"
     model.zero_grad()
@@ -763,6 +764,15 @@ def test_environment_overrides_settings(repo_root, tmp_path):
     assert module.EMBED_SIZE == module.PROFILE_SETTINGS["smoke"]["EMBED_SIZE"]
 
 
+def load_with_setting(monkeypatch, repo_root, tmp_path, name, value):
+    """Load the definitions in the smoke profile with the variable `name` set to `value`, or unset for None."""
+    monkeypatch.delenv(name, raising=False)
+    env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path)}
+    if value is not None:
+        env[name] = value
+    return load_definitions(repo_root / NOTEBOOK, module_name=f"part1_{name.lower()}", env=env)
+
+
 @pytest.mark.parametrize("capability, env_value, expected", [
     ("AVX512", None, True),     # the default, "auto": oneDNN where PyTorch reports AVX-512
     ("AVX2", None, False),
@@ -772,10 +782,7 @@ def test_environment_overrides_settings(repo_root, tmp_path):
 ])
 def test_onednn_matmul_auto_follows_cpu(repo_root, tmp_path, monkeypatch, capability, env_value, expected):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path)}
-    if env_value is not None:
-        env["ONEDNN_MATMUL"] = env_value
-    module = load_definitions(repo_root / NOTEBOOK, module_name="part1_onednn_auto", env=env)
+    module = load_with_setting(monkeypatch, repo_root, tmp_path, "ONEDNN_MATMUL", env_value)
     assert module.ONEDNN_MATMUL is expected
     assert module.SETTINGS["ONEDNN_MATMUL"] is expected
     assert module.describe_hardware()["cpu_capability"] == capability
@@ -790,13 +797,9 @@ def test_onednn_matmul_auto_follows_cpu(repo_root, tmp_path, monkeypatch, capabi
 ])
 def test_mixed_precision_auto_follows_cpu(repo_root, tmp_path, monkeypatch, bfloat16, amx, env_value, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("MIXED_PRECISION", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bfloat16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    env = {"PROFILE": "smoke", "REPORT_DIR": str(tmp_path)}
-    if env_value is not None:
-        env["MIXED_PRECISION"] = env_value
-    module = load_definitions(repo_root / NOTEBOOK, module_name="part1_mixed_auto", env=env)
+    module = load_with_setting(monkeypatch, repo_root, tmp_path, "MIXED_PRECISION", env_value)
     assert module.MIXED_PRECISION is expected
     assert module.SETTINGS["MIXED_PRECISION"] is expected
     assert module.describe_hardware()["cpu_bfloat16"] is (bfloat16 or amx)
