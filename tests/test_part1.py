@@ -891,6 +891,7 @@ def test_checkpoint_in_other_precision_is_rejected(part1, tmp_path):
     with pytest.raises(ValueError, match="MIXED_PRECISION") as error:
         run_training(part1, tmp_path / "model.pt", train_settings(part1, MIXED_PRECISION=True))
     assert "FORCE_RETRAIN" in str(error.value)
+    assert "set MIXED_PRECISION=0 to reuse it" in str(error.value)
 
 
 def test_checkpoint_before_mixed_precision_reads_as_float32(part1, tmp_path):
