@@ -12,7 +12,7 @@ falls on both alike. Three comparisons:
   the loss, backward and Adam, for MyLSTM, MyLSTM_att and TorchLSTM at the part 1 cpu sizes. The
   other settings keep the notebook's defaults, unless environment variables of the same names are
   set. So on a CPU with bfloat16 instructions the output layer trains in bfloat16, and oneDNN
-  affects only the recurrence; results from before MIXED_PRECISION are not comparable there.
+  affects only the recurrence. Results from before MIXED_PRECISION are not comparable there.
 - mixed-precision times the same steps with MIXED_PRECISION on and off.
 - channels-last times one CycleGAN iteration (all four training functions) at the part 2 cpu
   profile's widths and batch, with networks and batches in channels-last and in the default layout.

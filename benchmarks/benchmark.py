@@ -78,7 +78,7 @@ def cpu_has_bfloat16():
     """Return whether PyTorch reports bfloat16 instructions on this CPU (AVX512_BF16 or AMX).
 
     The same check as the notebook's cpu_has_bfloat16, which decides MIXED_PRECISION's default. A
-    test compares the default settings of a case with this one, so the two cannot drift apart.
+    test compares the default settings of a case with this one, so a drift between the two fails it.
     """
     import torch
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -275,7 +275,7 @@ def mixed_precision(part1, monkeypatch):
 
 
 def bfloat16_reference(*tensors):
-    """The tensors rounded to bfloat16, then widened to float64 for an exact reference product."""
+    """Round the tensors to bfloat16 and widen them to float64, for an exact reference product."""
     return [tensor.detach().to(torch.bfloat16).double() for tensor in tensors]
 
 
@@ -295,7 +295,7 @@ def test_mixed_precision_rounds_output_layer(mixed_precision):
     assert (y - float32).abs().max() > 1e-4, "the bfloat16 path was not taken"
 
 
-def test_mixed_precision_gradients_are_float32(mixed_precision):
+def test_mixed_precision_gradients_within_rounding(mixed_precision):
     torch.manual_seed(12)
     layer = mixed_precision.OutputLinear(24, 40)
     x = torch.randn(9, 24, requires_grad=True)
