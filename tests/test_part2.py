@@ -20,8 +20,7 @@ from test_part1 import MakeFolderOnLoad
 from tools.nbdefs import load_definitions, tagged_cells
 
 NOTEBOOK = "part2_cyclegan.ipynb"
-# Float32 unless a test turns MIXED_PRECISION on, so that results do not depend on the CPU.
-SMOKE = {"PROFILE": "smoke", "NUM_THREADS": "1", "MIXED_PRECISION": "0"}
+SMOKE = {"PROFILE": "smoke", "NUM_THREADS": "1"}
 
 
 def load(repo_root, **settings):
@@ -142,6 +141,24 @@ def test_out_of_range_setting_raises(nb, name, value):
         nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {name: value}, False)
     assert f"{name}=" in str(error.value)
     assert "is invalid" in str(error.value)
+
+
+@pytest.mark.parametrize("name, value", [("FUSED_ADAM", 0), ("CHANNELS_LAST", "False"), ("RUN_ABLATION", 1),
+                                         ("FORCE_RETRAIN", "yes")])
+def test_non_boolean_cell_value_raises(nb, name, value):
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    defaults[name] = value
+    with pytest.raises(ValueError, match=f"{name}={value!r} is invalid") as error:
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
+    assert "in the settings cell" in str(error.value)
+    assert "environment variable or --set" in str(error.value)
+
+
+def test_hardware_records_bfloat16_support(nb, monkeypatch):
+    monkeypatch.setattr(nb, "cpu_has_bfloat16", lambda: True)
+    assert nb.hardware_description()["cpu_bfloat16"] is True
+    monkeypatch.setattr(nb, "cpu_has_bfloat16", lambda: False)
+    assert nb.hardware_description()["cpu_bfloat16"] is False
 
 
 def test_auto_profile_follows_cuda(nb):
