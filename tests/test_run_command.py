@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -64,6 +65,18 @@ def test_failing_cell_names_notebook_and_keeps_copy(tmp_path):
     run_notebooks.execute_notebook(path, output, log=lambda *args, **kwargs: None)
     assert nbformat.read(output, as_version=4).cells[2].execution_count == 2
     assert not failed.exists(), "a finished run removes the stale copy of a failed one"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix domain sockets exist only on POSIX systems")
+def test_kernel_runs_without_tcp_warning(tmp_path, capfd):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('ran')")])
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(notebook, path)
+    run_notebooks.execute_notebook(path, tmp_path / "tiny.executed.ipynb", log=lambda *args, **kwargs: None)
+    captured = capfd.readouterr()
+    assert "ran" in nbformat.read(tmp_path / "tiny.executed.ipynb", as_version=4).cells[0].outputs[0]["text"]
+    assert "over TCP" not in captured.err
+    assert "over TCP" not in captured.out
 
 
 def test_resume_advice_drops_force_retrain(monkeypatch):

@@ -29,6 +29,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
+from traitlets.config import Config
 
 from tools.nbdefs import PARAMETERS_TAG, tagged_cells
 
@@ -41,6 +42,12 @@ TRUE_WORDS = ("1", "true", "yes", "on")          # what the notebooks read as Tr
 
 class NotebookFailed(RuntimeError):
     """A cell raised; the message names the notebook and the cell."""
+
+
+# On POSIX systems the kernel talks to this process over Unix domain sockets (ZeroMQ's ipc
+# transport), so that no TCP port carries code and outputs in plain text. Over TCP, every kernel
+# start prints a warning about that. Windows keeps TCP, Jupyter's default: ipc was not tried there.
+KERNEL_TRANSPORT = "ipc" if os.name == "posix" else "tcp"
 
 
 class EchoingClient(NotebookClient):
@@ -104,7 +111,8 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
         log(f"[{notebook_path.name} {time.monotonic() - start:7.1f}s]   {line}", flush=True)
 
     client = EchoingClient(notebook, echo=echo if echo_output else None, timeout=timeout_per_cell,
-                           kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}})
+                           kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}},
+                           config=Config({"KernelManager": {"transport": KERNEL_TRANSPORT}}))
     code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     failure, finished = None, False
     try:
