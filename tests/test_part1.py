@@ -1024,6 +1024,59 @@ def test_nan_loss_stops_with_model_and_step(part1, tmp_path):
                           log=lambda *args: None)
 
 
+def allocation_failure(*args, **kwargs):
+    """Raise PyTorch's own CPU out-of-memory error by requesting more bytes than any machine has."""
+    torch.empty(2**62, dtype=torch.uint8)
+
+
+def test_training_out_of_memory_keeps_checkpoint(part1, tmp_path, monkeypatch):
+    settings = train_settings(part1)
+    path = tmp_path / "model.pt"
+    run_training(part1, path, settings, stop_after=2)                # writes the checkpoint of step 2
+    saved = path.read_bytes()
+    monkeypatch.setattr(part1.MyLSTM_att, "forward_all", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        run_training(part1, path, settings)
+    message = str(error.value)
+    assert "MyLSTM_att: training step 3 ran out of CPU memory" in message
+    assert "BATCH_SIZE=3, WINDOW=5, EMBED_SIZE=4, HIDDEN_SIZE=6" in message
+    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=1" in message
+    assert f"FORCE_RETRAIN=True, which keeps the last checkpoint ({path})" in message
+    assert path.read_bytes() == saved, "the checkpoint is left as it was"
+
+
+def test_first_step_out_of_memory_advice(part1, tmp_path, monkeypatch):
+    settings = train_settings(part1, BATCH_SIZE=1)
+    monkeypatch.setattr(part1.MyLSTM_att, "forward_all", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        run_training(part1, tmp_path / "none.pt", settings)
+    message = str(error.value)
+    assert "training step 1 ran out of CPU memory" in message
+    assert "Lower WINDOW, EMBED_SIZE or HIDDEN_SIZE and train again." in message
+    assert "FORCE_RETRAIN" not in message
+
+
+def test_evaluation_out_of_memory_names_setting(part1, monkeypatch):
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    monkeypatch.setattr(model, "forward_all", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        part1.evaluate(model, torch.randint(17, (200,)), 5, 8)
+    assert "batches of 8 windows of 5 tokens" in str(error.value)
+    assert "Lower EVAL_BATCH_SIZE (now 8), e.g. EVAL_BATCH_SIZE=4," in str(error.value)
+    assert model.training, "evaluate restores training mode after the error"
+
+
+def test_other_runtime_errors_pass_unchanged(part1, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    monkeypatch.setattr(model, "forward_all", broken)
+    with pytest.raises(RuntimeError, match="mat1 and mat2") as error:
+        part1.evaluate(model, torch.randint(17, (200,)), 5, 8)
+    assert type(error.value) is RuntimeError
+
+
 def test_batch_size_one_trains(part1, tmp_path):
     settings = train_settings(part1, BATCH_SIZE=1, EVAL_BATCH_SIZE=1, TRAIN_STEPS=3, EVAL_EVERY=3)
     _, history = run_training(part1, tmp_path / "one.pt", settings)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from test_part1 import MakeFolderOnLoad
+from test_part1 import MakeFolderOnLoad, allocation_failure
 
 from tools.nbdefs import load_definitions, tagged_cells
 
@@ -706,6 +706,47 @@ def test_loaded_classifier_rescored_on_test_set(tiny_run, tmp_path):
     expected = (tiny_run.predict(classifier, smaller.test_images) == smaller.test_labels).float().mean().item()
     assert accuracy == expected
     assert accuracy * 3 == pytest.approx(round(accuracy * 3)), "a share of three test images"
+
+
+def test_out_of_memory_keeps_checkpoint(tiny_run, monkeypatch):
+    original = tiny_run.train_iteration
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    saved = []
+
+    def third_fails(*args):
+        if checkpoint.exists():                  # written after iteration 2
+            saved.append(checkpoint.read_bytes())
+            allocation_failure()
+        return original(*args)
+
+    monkeypatch.setattr(tiny_run, "train_iteration", third_fails)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    message = str(error.value)
+    assert "iteration 3 ran out of CPU memory with BATCH_SIZE=8, CONV_DIM_G=4, CONV_DIM_D=4" in message
+    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=4, or the widths" in message
+    assert f"FORCE_RETRAIN=True, which keeps the last checkpoint ({checkpoint})" in message
+    assert checkpoint.read_bytes() == saved[0], "the checkpoint is left as it was"
+
+
+def test_pretraining_out_of_memory_names_sizes(tiny_run, monkeypatch):
+    monkeypatch.setattr(tiny_run, "pretrain_discriminators", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    message = str(error.value)
+    assert "discriminator pretraining ran out of CPU memory" in message
+    assert message.endswith("or the widths and train again.")
+    assert "FORCE_RETRAIN" not in message
+
+
+def test_other_training_errors_pass_unchanged(tiny_run, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("Given groups=1, weight of size [4, 1, 3, 3]")
+
+    monkeypatch.setattr(tiny_run, "train_iteration", broken)
+    with pytest.raises(RuntimeError, match="Given groups=1") as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert type(error.value) is RuntimeError
 
 
 def test_nan_loss_stops_with_message(tiny_run, monkeypatch):
