@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -67,16 +69,42 @@ def test_failing_cell_names_notebook_and_keeps_copy(tmp_path):
     assert not failed.exists(), "a finished run removes the stale copy of a failed one"
 
 
+def write_tiny_notebook(path, text):
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"print({text!r})")]), path)
+    return path
+
+
+def printed_text(executed_path):
+    return nbformat.read(executed_path, as_version=4).cells[0].outputs[0]["text"]
+
+
 @pytest.mark.skipif(os.name != "posix", reason="Unix domain sockets exist only on POSIX systems")
-def test_kernel_runs_without_tcp_warning(tmp_path, capfd):
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('ran')")])
-    path = tmp_path / "tiny.ipynb"
-    nbformat.write(notebook, path)
+def test_kernel_runs_without_tcp_warning(tmp_path, capfd, monkeypatch):
+    """The kernel talks over Unix domain sockets, from any working directory, and leaves no socket files."""
+    monkeypatch.chdir(tmp_path)                       # not the repository root, where the kernel starts
+    path = write_tiny_notebook(tmp_path / "tiny.ipynb", "ran")
     run_notebooks.execute_notebook(path, tmp_path / "tiny.executed.ipynb", log=lambda *args, **kwargs: None)
     captured = capfd.readouterr()
-    assert "ran" in nbformat.read(tmp_path / "tiny.executed.ipynb", as_version=4).cells[0].outputs[0]["text"]
+    assert printed_text(tmp_path / "tiny.executed.ipynb") == "ran\n"
     assert "over TCP" not in captured.err
     assert "over TCP" not in captured.out
+    assert not list(tmp_path.glob("kernel*")), "no socket files in the working directory"
+    assert not list(run_notebooks.REPO_ROOT.glob("kernel*")), "no socket files in the repository"
+
+
+def test_simultaneous_runs_keep_apart(tmp_path):
+    """Two runs started at once from one folder each get their own kernel."""
+    code = ("import sys; from tools.run_notebooks import execute_notebook; "
+            "execute_notebook(sys.argv[1], sys.argv[2], log=lambda *args, **kwargs: None)")
+    runs = []
+    for name in ("first", "second"):
+        path = write_tiny_notebook(tmp_path / f"{name}.ipynb", name)
+        runs.append(subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / f"{name}.out.ipynb")],
+                                     cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(run_notebooks.REPO_ROOT)}))
+    for run in runs:
+        assert run.wait(timeout=300) == 0
+    assert printed_text(tmp_path / "first.out.ipynb") == "first\n"
+    assert printed_text(tmp_path / "second.out.ipynb") == "second\n"
 
 
 def test_resume_advice_drops_force_retrain(monkeypatch):

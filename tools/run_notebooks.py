@@ -21,6 +21,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -44,10 +45,18 @@ class NotebookFailed(RuntimeError):
     """A cell raised; the message names the notebook and the cell."""
 
 
-# On POSIX systems the kernel talks to this process over Unix domain sockets (ZeroMQ's ipc
-# transport), so that no TCP port carries code and outputs in plain text. Over TCP, every kernel
-# start prints a warning about that. Windows keeps TCP, Jupyter's default: ipc was not tried there.
-KERNEL_TRANSPORT = "ipc" if os.name == "posix" else "tcp"
+def kernel_config(socket_dir: str) -> Config:
+    """Return the kernel manager's config: on POSIX systems, Unix domain sockets in `socket_dir`.
+
+    With ZeroMQ's ipc transport no TCP port carries code and outputs in plain text, which ipykernel
+    warns about at every start. The socket path must be absolute, because with a relative one the
+    kernel creates the sockets in its working directory and the client looks in its own. A folder
+    per run keeps simultaneous runs apart. Windows keeps TCP, Jupyter's default, because ipc was not
+    tried there.
+    """
+    if os.name != "posix":
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(socket_dir, "kernel")}})
 
 
 class EchoingClient(NotebookClient):
@@ -110,9 +119,10 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     def echo(line):
         log(f"[{notebook_path.name} {time.monotonic() - start:7.1f}s]   {line}", flush=True)
 
+    socket_dir = tempfile.mkdtemp(prefix="nbkernel-")   # removed below, but a killed run leaves it in place
     client = EchoingClient(notebook, echo=echo if echo_output else None, timeout=timeout_per_cell,
                            kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}},
-                           config=Config({"KernelManager": {"transport": KERNEL_TRANSPORT}}))
+                           config=kernel_config(socket_dir))
     code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     failure, finished = None, False
     try:
@@ -138,6 +148,7 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                     break
             finished = failure is None
     finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
         # An interrupted or failed run must not replace the copy of the last run that finished.
         written = output_path if finished else failed_copy_path(output_path)
         try:
