@@ -1040,9 +1040,22 @@ def test_training_out_of_memory_keeps_checkpoint(part1, tmp_path, monkeypatch):
     message = str(error.value)
     assert "MyLSTM_att: training step 3 ran out of CPU memory" in message
     assert "BATCH_SIZE=3, WINDOW=5, EMBED_SIZE=4, HIDDEN_SIZE=6" in message
-    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=1" in message
-    assert f"FORCE_RETRAIN=True, which keeps the last checkpoint ({path})" in message
+    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=1, or the other sizes, and train again." in message
+    assert f"Set FORCE_RETRAIN=True as well, because new sizes need new checkpoints in place of those in {tmp_path} " \
+           f"(model.pt)." in message
     assert path.read_bytes() == saved, "the checkpoint is left as it was"
+
+
+def test_out_of_memory_counts_other_models_checkpoints(part1, tmp_path, monkeypatch):
+    """A finished model's checkpoint also records the sizes, so smaller ones need FORCE_RETRAIN."""
+    settings = train_settings(part1)
+    run_training(part1, tmp_path / "MyLSTM.pt", settings, name="MyLSTM")
+    monkeypatch.setattr(part1.MyLSTM_att, "forward_all", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        run_training(part1, tmp_path / "MyLSTM_att.pt", settings)
+    assert "MyLSTM_att: training step 1 ran out of CPU memory" in str(error.value)
+    assert "Set FORCE_RETRAIN=True as well" in str(error.value)
+    assert "(MyLSTM.pt)" in str(error.value)
 
 
 def test_first_step_out_of_memory_advice(part1, tmp_path, monkeypatch):
@@ -1062,8 +1075,34 @@ def test_evaluation_out_of_memory_names_setting(part1, monkeypatch):
     with pytest.raises(MemoryError) as error:
         part1.evaluate(model, torch.randint(17, (200,)), 5, 8)
     assert "batches of 8 windows of 5 tokens" in str(error.value)
-    assert "Lower EVAL_BATCH_SIZE (now 8), e.g. EVAL_BATCH_SIZE=4," in str(error.value)
+    assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=4, and run again." in str(error.value)
     assert model.training, "evaluate restores training mode after the error"
+
+
+def test_evaluation_out_of_memory_at_batch_one(part1, monkeypatch):
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    monkeypatch.setattr(model, "forward_all", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        part1.evaluate(model, torch.randint(17, (200,)), 5, 1)
+    assert "batches of 1 window of 5 tokens" in str(error.value)
+    assert "EVAL_BATCH_SIZE is already 1, so lower WINDOW or HIDDEN_SIZE" in str(error.value)
+
+
+def test_validation_out_of_memory_names_model_and_step(part1, tmp_path, monkeypatch):
+    original = part1.MyLSTM_att.forward_all
+
+    def fails_in_eval_mode(self, inputs):
+        if not self.training:
+            allocation_failure()
+        return original(self, inputs)
+
+    monkeypatch.setattr(part1.MyLSTM_att, "forward_all", fails_in_eval_mode)
+    with pytest.raises(MemoryError) as error:
+        run_training(part1, tmp_path / "model.pt", train_settings(part1))
+    message = str(error.value)
+    assert message.startswith("MyLSTM_att: validation after step 2: evaluation ran out of CPU memory")
+    assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=2, and run again." in message
+    assert not (tmp_path / "model.pt").exists(), "no checkpoint comes before the first validation"
 
 
 def test_other_runtime_errors_pass_unchanged(part1, monkeypatch):

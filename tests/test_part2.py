@@ -154,6 +154,14 @@ def test_non_boolean_cell_value_raises(nb, name, value):
     assert "environment variable or --set" in str(error.value)
 
 
+@pytest.mark.parametrize("text, expected", [("true", True), ("0", False)])
+def test_environment_boolean_replaces_cell_value(nb, text, expected):
+    """An environment value is parsed as a boolean even where the settings cell holds another type."""
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    defaults["FUSED_ADAM"] = 1
+    assert nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {"FUSED_ADAM": text}, False)["FUSED_ADAM"] is expected
+
+
 def test_hardware_records_bfloat16_support(nb, monkeypatch):
     monkeypatch.setattr(nb, "cpu_has_bfloat16", lambda: True)
     assert nb.hardware_description()["cpu_bfloat16"] is True
@@ -724,8 +732,9 @@ def test_out_of_memory_keeps_checkpoint(tiny_run, monkeypatch):
         tiny_run.train_cyclegan("run", 11, 2)
     message = str(error.value)
     assert "iteration 3 ran out of CPU memory with BATCH_SIZE=8, CONV_DIM_G=4, CONV_DIM_D=4" in message
-    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=4, or the widths" in message
-    assert f"FORCE_RETRAIN=True, which keeps the last checkpoint ({checkpoint})" in message
+    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=4, or CONV_DIM_G and CONV_DIM_D and train again." in message
+    assert "Set FORCE_RETRAIN=True as well" in message
+    assert f"{tiny_run.RUN_CHECKPOINT_DIR} (cyclegan_run.pt)" in message
     assert checkpoint.read_bytes() == saved[0], "the checkpoint is left as it was"
 
 
@@ -735,8 +744,18 @@ def test_pretraining_out_of_memory_names_sizes(tiny_run, monkeypatch):
         tiny_run.train_cyclegan("run", 11, 2)
     message = str(error.value)
     assert "discriminator pretraining ran out of CPU memory" in message
-    assert message.endswith("or the widths and train again.")
+    assert message.endswith("or CONV_DIM_G and CONV_DIM_D and train again.")
     assert "FORCE_RETRAIN" not in message
+
+
+def test_out_of_memory_counts_finished_runs(tiny_run, monkeypatch):
+    """The finished 11-class run's checkpoint also records the sizes, so smaller ones need FORCE_RETRAIN."""
+    tiny_run.train_cyclegan("11class", 11, 2)
+    monkeypatch.setattr(tiny_run, "train_iteration", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_cyclegan("2class", 2, 0)
+    assert "iteration 1 ran out of CPU memory" in str(error.value)
+    assert "(cyclegan_11class.pt)" in str(error.value)
 
 
 def test_other_training_errors_pass_unchanged(tiny_run, monkeypatch):
