@@ -107,6 +107,20 @@ def test_simultaneous_runs_keep_apart(tmp_path):
     assert printed_text(tmp_path / "second.out.ipynb") == "second\n"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL exists only on POSIX systems")
+def test_killed_kernel_names_cell_and_memory(tmp_path):
+    code = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell(code)])
+    path = tmp_path / "killed.ipynb"
+    nbformat.write(notebook, path)
+    with pytest.raises(run_notebooks.NotebookFailed) as error:
+        run_notebooks.execute_notebook(path, tmp_path / "killed.out.ipynb", log=lambda *args, **kwargs: None)
+    message = str(error.value)
+    assert "killed.ipynb: the kernel died in code cell 2 of 2 ('import os, signal')" in message
+    assert "lower BATCH_SIZE or the model's sizes with --set, and add --set FORCE_RETRAIN=1" in message
+    assert "run the same command again to resume" in message
+
+
 def test_resume_advice_drops_force_retrain(monkeypatch):
     monkeypatch.delenv("FORCE_RETRAIN", raising=False)
     assert run_notebooks.resume_advice({}) == "run the same command again to resume"
