@@ -156,7 +156,7 @@ def test_non_boolean_cell_value_raises(nb, name, value):
 
 @pytest.mark.parametrize("text, expected", [("true", True), ("0", False)])
 def test_environment_boolean_replaces_cell_value(nb, text, expected):
-    """An environment value is parsed as a boolean even where the settings cell holds another type."""
+    """An environment value is parsed as a boolean even where the settings cell contains another type."""
     defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
     defaults["FUSED_ADAM"] = 1
     assert nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {"FUSED_ADAM": text}, False)["FUSED_ADAM"] is expected
@@ -721,13 +721,13 @@ def test_out_of_memory_keeps_checkpoint(tiny_run, monkeypatch):
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
     saved = []
 
-    def third_fails(*args):
+    def fails_after_checkpoint(*args):
         if checkpoint.exists():                  # written after iteration 2
             saved.append(checkpoint.read_bytes())
             allocation_failure()
         return original(*args)
 
-    monkeypatch.setattr(tiny_run, "train_iteration", third_fails)
+    monkeypatch.setattr(tiny_run, "train_iteration", fails_after_checkpoint)
     with pytest.raises(MemoryError) as error:
         tiny_run.train_cyclegan("run", 11, 2)
     message = str(error.value)

@@ -80,7 +80,7 @@ def printed_text(executed_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="Unix domain sockets exist only on POSIX systems")
 def test_kernel_runs_without_tcp_warning(tmp_path, capfd, monkeypatch):
-    """The kernel talks over Unix domain sockets, from any working directory, and leaves no socket files."""
+    """The kernel communicates over Unix domain sockets from any working directory and leaves no socket files."""
     monkeypatch.chdir(tmp_path)                       # not the repository root, where the kernel starts
     path = write_tiny_notebook(tmp_path / "tiny.ipynb", "ran")
     run_notebooks.execute_notebook(path, tmp_path / "tiny.executed.ipynb", log=lambda *args, **kwargs: None)
