@@ -117,8 +117,9 @@ def test_killed_kernel_names_cell_and_memory(tmp_path):
         run_notebooks.execute_notebook(path, tmp_path / "killed.out.ipynb", log=lambda *args, **kwargs: None)
     message = str(error.value)
     assert "killed.ipynb: the kernel died in code cell 2 of 2 ('import os, signal')" in message
-    assert "lower BATCH_SIZE or the model's sizes with --set, and add --set FORCE_RETRAIN=1" in message
-    assert "run the same command again to resume" in message
+    assert "Checkpoints written so far are kept." in message
+    assert "lower BATCH_SIZE or the model's sizes with --set and add --set FORCE_RETRAIN=1" in message
+    assert "Otherwise run the same command again to resume." in message
 
 
 def test_resume_advice_drops_force_retrain(monkeypatch):

@@ -143,10 +143,10 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                 except DeadKernelError as error:
                     failure = NotebookFailed(
                         f"{notebook_path.name}: the kernel died in code cell {number} of {len(code_cells)} "
-                        f"('{_cell_title(cell)}'): {error}. It may have run out of memory, which Linux answers "
-                        f"by killing the process. Then lower BATCH_SIZE or the model's sizes with --set, and add "
-                        f"--set FORCE_RETRAIN=1, because checkpoints record the sizes. If it was killed for another "
-                        f"reason, checkpoints written so far are kept: {resume_advice(env or {})}.")
+                        f"('{_cell_title(cell)}'): {error}. Checkpoints written so far are kept. If it ran out of "
+                        f"memory, which Linux answers by killing the process, lower BATCH_SIZE or the model's sizes "
+                        f"with --set and add --set FORCE_RETRAIN=1, because checkpoints record the sizes. "
+                        f"Otherwise {resume_advice(env or {})}.")
                     break
             finished = failure is None
     finally:
