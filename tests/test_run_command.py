@@ -93,7 +93,7 @@ def test_kernel_runs_without_tcp_warning(tmp_path, capfd, monkeypatch):
 
 
 def test_simultaneous_runs_keep_apart(tmp_path):
-    """Two runs started at once from one folder each get their own kernel."""
+    """Two runs started at once from one folder both finish, each with its own kernel."""
     code = ("import sys; from tools.run_notebooks import execute_notebook; "
             "execute_notebook(sys.argv[1], sys.argv[2], log=lambda *args, **kwargs: None)")
     runs = []
