@@ -787,8 +787,23 @@ def test_batch_norm_calibration_changes_only_statistics(tiny_run):
     assert not torch.allclose(before, calibrated)
     assert not changed(gan.G, weights)
     assert gan.G.training
-    tiny_run.calibrate_batch_norm(gan)  # an exact average over the same images: no drift
+    tiny_run.calibrate_batch_norm(gan)  # the same images give the same statistics: no drift
     assert torch.allclose(gan.G.encoder[1].running_var, calibrated)
+
+
+def test_calibration_averages_batch_statistics(tiny_run, monkeypatch):
+    """Running mean: the mean of the batch means. Running variance: the mean of the batches' unbiased variances."""
+    monkeypatch.setattr(tiny_run, "CALIBRATION_SIZE", 24)  # three batches of BATCH_SIZE=8
+    gan = small_gan(tiny_run)
+    tiny_run.train_iteration(gan, *batches())
+    tiny_run.calibrate_batch_norm(gan)
+    with torch.no_grad():
+        features = [gan.G.encoder[0](tiny_run.to_model_range(tiny_run.mnist.train_images[start:start + 8]))
+                    for start in (0, 8, 16)]
+    expected_mean = torch.stack([batch.mean(dim=(0, 2, 3)) for batch in features]).mean(0)
+    expected_var = torch.stack([batch.var(dim=(0, 2, 3)) for batch in features]).mean(0)
+    assert torch.allclose(gan.G.encoder[1].running_mean, expected_mean, atol=1e-6)
+    assert torch.allclose(gan.G.encoder[1].running_var, expected_var, rtol=1e-5)
 
 
 def test_learning_rate_decays_linearly(nb, monkeypatch):
