@@ -185,7 +185,7 @@ def _summary_lines(report_dir: Path, started_by_notebook: dict[str, float]) -> l
         headline = ", ".join(f"{key} {value}" for key, value in results.get("headline", {}).items())
         target = f", target domain {results['target_domain']}" if "target_domain" in results else ""
         lines.append(f"{name}: profile {results.get('profile')}{target}, device {results.get('device')}, "
-                     f"{results.get('wall_time_s', float('nan')):.0f} s from the settings cell to the results; "
+                     f"{results.get('wall_time_s', float('nan')):.0f} s from the end of setup to the results; "
                      f"{headline} ({newest})")
     return lines
 
