@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import test_part1
 import test_part2
 
 from tools import run_notebooks
-from tools.nbdefs import load_definitions
+from tools.nbdefs import PARAMETERS_TAG, load_definitions, tagged_cells
 
 
 def test_run_command_executes_both_notebooks(tmp_path, capsys):
@@ -25,8 +26,9 @@ def test_run_command_executes_both_notebooks(tmp_path, capsys):
                                  "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
     output = capsys.readouterr().out
     assert status == 0
+    assert (report / "executed" / "part1_lstm.smoke.ipynb").is_file()
+    assert (report / "executed" / "part2_cyclegan.smoke.svhn.ipynb").is_file()
     for name in run_notebooks.NOTEBOOKS:
-        assert (report / "executed" / name.replace(".ipynb", ".smoke.ipynb")).is_file()
         assert f"{name}: profile smoke" in output, "the summary names each notebook"
     assert "cell 1/" in output, "progress names the cell"
     assert "target domain svhn" in output, "the summary names part 2's target domain"
@@ -199,6 +201,56 @@ def test_unknown_setting_name_is_rejected(capsys):
     assert "TARGET_DOMAIN" in message, "the error lists the valid settings"
 
 
+def record_runs(monkeypatch, outcome=None):
+    """Replace execute_notebook with a stub that records (notebook, executed copy, env) and raises `outcome`."""
+    runs = []
+
+    def execute(path, output, env=None, **kwargs):
+        runs.append((path.name, output.name, dict(env)))
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(run_notebooks, "execute_notebook", execute)
+    return runs
+
+
+def test_other_notebooks_setting_is_skipped(tmp_path, monkeypatch, capsys):
+    """The README's offline --set TARGET_DOMAIN=synthetic also works when only part 1 runs."""
+    runs = record_runs(monkeypatch)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}",
+                                 "--set", "TARGET_DOMAIN=synthetic", "part1_lstm.ipynb"])
+    assert status == 0
+    assert [name for name, _, _ in runs] == ["part1_lstm.ipynb"]
+    assert "TARGET_DOMAIN" not in runs[0][2]
+    message = capsys.readouterr().err
+    assert "--set TARGET_DOMAIN is ignored, because it is a setting of part2_cyclegan.ipynb" in message
+
+
+def test_executed_copy_names_target_domain(repo_root, monkeypatch):
+    monkeypatch.delenv("TARGET_DOMAIN", raising=False)
+    part1, part2 = repo_root / "part1_lstm.ipynb", repo_root / "part2_cyclegan.ipynb"
+    assert run_notebooks.executed_copy_name(part1, "cpu", {}) == "part1_lstm.cpu.ipynb"
+    assert run_notebooks.executed_copy_name(part2, "cpu", {}) == "part2_cyclegan.cpu.svhn.ipynb"
+    assert (run_notebooks.executed_copy_name(part2, "smoke", {"TARGET_DOMAIN": " Synthetic "})
+            == "part2_cyclegan.smoke.synthetic.ipynb")
+    monkeypatch.setenv("TARGET_DOMAIN", "synthetic")
+    assert run_notebooks.executed_copy_name(part2, "cpu", {}) == "part2_cyclegan.cpu.synthetic.ipynb"
+    assert (run_notebooks.executed_copy_name(part2, "cpu", {"TARGET_DOMAIN": "../x"})
+            == "part2_cyclegan.cpu.___x.ipynb"), "a path in the value cannot leave the folder"
+
+
+def test_interrupt_stops_with_code_130(tmp_path, monkeypatch, capsys):
+    runs = record_runs(monkeypatch, KeyboardInterrupt())
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 130
+    assert len(runs) == 1, "no notebook starts after an interrupt"
+    message = capsys.readouterr().err
+    assert "Interrupted in part1_lstm.ipynb. Checkpoints written so far are kept" in message
+    assert "Traceback" not in message
+
+
 def test_set_rejects_settings_with_own_option(capsys):
     with pytest.raises(SystemExit):
         run_notebooks.main(["--profile", "smoke", "--set", "PROFILE=full"])
@@ -208,6 +260,27 @@ def test_set_rejects_settings_with_own_option(capsys):
 def test_setting_names_come_from_parameters_cell(repo_root):
     assert {"PROFILE", "DATA_DIR", "SEED", "HIDDEN_SIZE"} <= run_notebooks.setting_names(repo_root / "part1_lstm.ipynb")
     assert {"TARGET_DOMAIN", "CYCLE_WEIGHT"} <= run_notebooks.setting_names(repo_root / "part2_cyclegan.ipynb")
+
+
+@pytest.mark.parametrize("notebook, section", [("part1_lstm.ipynb", "### Part 1 only"),
+                                               ("part2_cyclegan.ipynb", "### Part 2 only")])
+def test_settings_reference_matches_notebooks(repo_root, notebook, section):
+    """docs/NOTEBOOKS.md names every setting, and its profile tables hold the parameters cell's values."""
+    reference = (repo_root / "docs" / "NOTEBOOKS.md").read_text()
+    for name in run_notebooks.setting_names(repo_root / notebook) - {"PROFILE_SETTINGS"}:
+        assert f"`{name}`" in reference, f"docs/NOTEBOOKS.md does not describe {notebook}'s {name}"
+    namespace = {}
+    exec(next(text for tag, text in tagged_cells(repo_root / notebook) if tag == PARAMETERS_TAG), namespace)
+    profiles = namespace["PROFILE_SETTINGS"]
+    table = reference.split(section, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        if line.startswith("| `"):
+            rows[cells[0]] = [ast.literal_eval(value) for value in cells[1:4]]
+    assert set(rows) == set(profiles["cpu"])
+    for name, values in rows.items():
+        assert values == [profiles[profile][name] for profile in ("smoke", "cpu", "full")], name
 
 
 @pytest.mark.parametrize("profile, cuda, expected", [

@@ -5,7 +5,8 @@
 Each notebook runs in a fresh kernel started in the repository root, with
 the settings passed as environment variables (see docs/NOTEBOOKS.md). The
 executed copy is written to REPORT_DIR/executed/<notebook>.<profile>.ipynb,
-with "auto" replaced by the profile it resolves to. When a cell fails, the copy
+with "auto" replaced by the profile it resolves to, and for part 2 to
+<notebook>.<profile>.<target domain>.ipynb. When a cell fails, the copy
 goes to <notebook>.<profile>.failed.ipynb instead, so that the failing output
 can be inspected and the last good run's copy is kept.
 
@@ -200,6 +201,34 @@ def setting_names(notebook_path: Path) -> set[str]:
     return names
 
 
+def setting_default(notebook_path: Path, name: str):
+    """Return the literal value that a notebook's parameters cell assigns to `name`, or None."""
+    source = next(text for tag, text in tagged_cells(notebook_path) if tag == PARAMETERS_TAG)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(isinstance(target, ast.Name) and target.id == name
+                                                for target in node.targets):
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                return None
+    return None
+
+
+def executed_copy_name(notebook_path: Path, profile: str, env: dict[str, str]) -> str:
+    """Return the executed copy's file name: <notebook>.<profile>.ipynb, with the target domain where there is one.
+
+    The target domain comes from --set, then the environment, then the parameters cell, and is read as the
+    notebook reads it (stripped, lower case), so that runs with other targets do not overwrite each other's copy.
+    """
+    name = f"{notebook_path.stem}.{profile}"
+    if "TARGET_DOMAIN" in setting_names(notebook_path):
+        target = env.get("TARGET_DOMAIN", os.environ.get("TARGET_DOMAIN"))
+        if target is None:
+            target = setting_default(notebook_path, "TARGET_DOMAIN")
+        name += "." + re.sub(r"[^a-z0-9_-]", "_", str(target).strip().lower())
+    return name + ".ipynb"
+
+
 def resolved_profile(profile: str) -> str:
     """Return the profile the notebooks run: "auto" is "full" where CUDA is available and "cpu" elsewhere.
 
@@ -265,14 +294,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name!r} cannot be run: {error}; choose from {', '.join(NOTEBOOKS)}")
     paths = list(settings_by_path)
     known = set().union(*settings_by_path.values()) - {"PROFILE_SETTINGS"}   # a table, not a setting
+    # The README's commands set part 2's TARGET_DOMAIN for both notebooks, so a setting of a notebook
+    # left out of this run is skipped with a note, while a name that no notebook has is an error.
+    skipped = {name: setting_names(REPO_ROOT / name) for name in NOTEBOOKS
+               if (REPO_ROOT / name).resolve() not in {path.resolve() for path in paths}}
     options = {"PROFILE": "--profile", "DATA_DIR": "--data-dir", "REPORT_DIR": "--report-dir"}
     for item in args.set:
         name = item.partition("=")[0]
         if name in options:
             parser.error(f"--set {name}: use {options[name]} for this setting")
-        if name not in known:
+        if name in known:
+            continue
+        owners = [notebook for notebook, names in skipped.items() if name in names]
+        if not owners:
             parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
                          f"settings are {', '.join(sorted(known))}")
+        print(f"note: --set {name} is ignored, because it is a setting of {', '.join(owners)}, "
+              f"which this run does not include", file=sys.stderr)
+        env.pop(name, None)
 
     # The kernels start in the repository root, so a relative CHECKPOINT_DIR is taken from there.
     checkpoint_dir = REPO_ROOT / env.get("CHECKPOINT_DIR", os.environ.get("CHECKPOINT_DIR", "checkpoints"))
@@ -287,12 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     started, status = {}, 0
     for path in paths:
         started[path.name] = time.time()
-        output = report_dir / "executed" / f"{path.stem}.{resolved_profile(args.profile)}.ipynb"
+        output = report_dir / "executed" / executed_copy_name(path, resolved_profile(args.profile), env)
         try:
             execute_notebook(path, output, env=env)
         except NotebookFailed as error:
             print(f"\nFAILED: {error}", file=sys.stderr)
             status = 1
+            break
+        except KeyboardInterrupt:
+            # execute_notebook has shut the kernel down and named the executed copy so far.
+            print(f"\nInterrupted in {path.name}. Checkpoints written so far are kept, so "
+                  f"{resume_advice(env)}.", file=sys.stderr)
+            status = 130                   # the shell's code for a process stopped by SIGINT
             break
 
     print("\nSummary")
