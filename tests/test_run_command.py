@@ -5,8 +5,11 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 
 import nbformat
 import pytest
@@ -94,6 +97,33 @@ def test_kernel_runs_without_tcp_warning(tmp_path, capfd, monkeypatch):
     assert not list(run_notebooks.REPO_ROOT.glob("kernel*")), "no socket files in the repository"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="Unix domain sockets exist only on POSIX systems")
+def test_kernel_starts_with_long_tmpdir(tmp_path, capfd, monkeypatch):
+    """A TMPDIR too long for a Unix domain socket path moves the sockets to /tmp, and they are removed after."""
+    long_tmpdir = tmp_path / ("t" * max(1, 150 - len(str(tmp_path)) - 1))
+    long_tmpdir.mkdir()
+    assert len(os.fsencode(long_tmpdir)) > run_notebooks.SOCKET_PATH_MAX_BYTES, "the test needs a long path"
+    monkeypatch.setenv("TMPDIR", str(long_tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)     # tempfile caches TMPDIR, and monkeypatch restores the cache
+    socket_dirs = []
+    real_kernel_config = run_notebooks.kernel_config
+
+    def recording_kernel_config(socket_dir):
+        socket_dirs.append(socket_dir)
+        return real_kernel_config(socket_dir)
+
+    monkeypatch.setattr(run_notebooks, "kernel_config", recording_kernel_config)
+    path = write_tiny_notebook(tmp_path / "tiny.ipynb", "ran")
+    run_notebooks.execute_notebook(path, tmp_path / "tiny.executed.ipynb", log=lambda *args, **kwargs: None)
+    captured = capfd.readouterr()
+    assert printed_text(tmp_path / "tiny.executed.ipynb") == "ran\n"
+    assert len(socket_dirs) == 1
+    assert socket_dirs[0].startswith("/tmp/nbkernel-"), "the sockets moved to /tmp"
+    assert not os.path.exists(socket_dirs[0]), "the socket folder is removed"
+    assert list(long_tmpdir.iterdir()) == [], "no folder is left in TMPDIR"
+    assert "over TCP" not in captured.err
+
+
 def test_simultaneous_runs_keep_apart(tmp_path):
     """Two runs started at once from one folder both finish, each with its own kernel."""
     code = ("import sys; from tools.run_notebooks import execute_notebook; "
@@ -120,6 +150,8 @@ def test_killed_kernel_names_cell_and_memory(tmp_path):
     message = str(error.value)
     assert "killed.ipynb: the kernel died in code cell 2 of 2 ('import os, signal')" in message
     assert "Checkpoints written so far are kept." in message
+    assert "run only killed.ipynb again, by naming it on the command line" in message
+    assert "lower EVAL_BATCH_SIZE with --set, which needs no FORCE_RETRAIN" in message
     assert "lower BATCH_SIZE or the model's sizes with --set and add --set FORCE_RETRAIN=1" in message
     assert "Otherwise run the same command again to resume." in message
 
@@ -225,6 +257,39 @@ def test_other_notebooks_setting_is_skipped(tmp_path, monkeypatch, capsys):
     assert "TARGET_DOMAIN" not in runs[0][2]
     message = capsys.readouterr().err
     assert "--set TARGET_DOMAIN is ignored, because it is a setting of part2_cyclegan.ipynb" in message
+
+
+def test_relative_folders_resolve_from_repository(tmp_path, monkeypatch):
+    """A relative --data-dir or --report-dir is taken from the repository root, not from the current folder."""
+    monkeypatch.chdir(tmp_path)
+    name = f".test-relative-folders-{uuid.uuid4().hex}"
+    try:
+        runs = record_runs(monkeypatch)
+        status = run_notebooks.main(["--profile", "smoke", "--data-dir", f"{name}/data",
+                                     "--report-dir", f"{name}/report",
+                                     "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+        assert status == 0
+        assert len(runs) == 2
+        for _, _, env in runs:
+            assert env["DATA_DIR"] == str(run_notebooks.REPO_ROOT / name / "data")
+            assert env["REPORT_DIR"] == str(run_notebooks.REPO_ROOT / name / "report")
+        assert (run_notebooks.REPO_ROOT / name / "report" / "executed").is_dir(), "the writable check ran there"
+        assert not (tmp_path / name).exists(), "nothing is created in the current folder"
+    finally:
+        shutil.rmtree(run_notebooks.REPO_ROOT / name, ignore_errors=True)
+
+
+def test_home_in_folder_options_expanded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                        # where an unexpanded "~" folder would go
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path / "home"))      # Path.expanduser reads it on Windows
+    runs = record_runs(monkeypatch)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", "~/report", "--data-dir", "~/data",
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "part1_lstm.ipynb"])
+    assert status == 0
+    assert runs[0][2]["REPORT_DIR"] == str((tmp_path / "home" / "report").resolve())
+    assert runs[0][2]["DATA_DIR"] == str((tmp_path / "home" / "data").resolve())
+    assert (tmp_path / "home" / "report" / "executed").is_dir()
 
 
 def test_executed_copy_names_target_domain(repo_root, monkeypatch):

@@ -40,24 +40,51 @@ NOTEBOOKS = ("part1_lstm.ipynb", "part2_cyclegan.ipynb")
 PROFILES = ("auto", "smoke", "cpu", "full")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 TRUE_WORDS = ("1", "true", "yes", "on")          # what the notebooks read as True in a setting
+# sun_path in struct sockaddr_un is 108 bytes on Linux and 104 on macOS, including the NUL byte, so 103 fits both.
+SOCKET_PATH_MAX_BYTES = 103
+PORT_SUFFIX_BYTES = len("-65535")                # jupyter_client names each socket "<ip>-<port>"
 
 
 class NotebookFailed(RuntimeError):
     """A cell raised; the message names the notebook and the cell."""
 
 
-def kernel_config(socket_dir: str) -> Config:
+def kernel_config(socket_dir: str | None) -> Config:
     """Return the kernel manager's config: on POSIX systems, Unix domain sockets in `socket_dir`.
 
     With ZeroMQ's ipc transport no TCP port carries code and outputs in plain text, which ipykernel
     warns about at every start. The socket path must be absolute, because with a relative one the
     kernel creates the sockets in its working directory and the client looks in its own. A folder
     per run keeps simultaneous runs apart. Windows keeps TCP, Jupyter's default, because ipc was not
-    tried there.
+    tried there. A `socket_dir` of None also selects TCP.
+    """
+    if os.name != "posix" or socket_dir is None:
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc", "ip": socket_ip(socket_dir)}})
+
+
+def socket_ip(socket_dir: str) -> str:
+    """Return the kernel manager's `ip` for the ipc transport, to which jupyter_client appends "-<port>"."""
+    return os.path.join(socket_dir, "kernel")
+
+
+def make_socket_dir() -> str | None:
+    """Create a folder for the kernel's Unix domain sockets and return its path, or None where TCP must be used.
+
+    The folder goes in the temporary folder (TMPDIR), or in /tmp when a socket path there would be too long
+    for a Unix domain socket, because ZeroMQ then fails with "File name too long". Windows gets None.
     """
     if os.name != "posix":
-        return Config()
-    return Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(socket_dir, "kernel")}})
+        return None
+    for parent in (None, "/tmp"):                     # None is tempfile's choice, which follows TMPDIR
+        try:
+            socket_dir = tempfile.mkdtemp(prefix="nbkernel-", dir=parent)
+        except OSError:
+            continue
+        if len(os.fsencode(socket_ip(socket_dir))) + PORT_SUFFIX_BYTES <= SOCKET_PATH_MAX_BYTES:
+            return socket_dir
+        os.rmdir(socket_dir)
+    return None
 
 
 class EchoingClient(NotebookClient):
@@ -93,8 +120,21 @@ def resume_advice(env: dict[str, str]) -> str:
     """Return the advice for resuming an interrupted run, which must drop FORCE_RETRAIN if it was set."""
     force = env.get("FORCE_RETRAIN", os.environ.get("FORCE_RETRAIN", ""))
     if force.strip().lower() in TRUE_WORDS:
-        return "run the same command without FORCE_RETRAIN to resume from them"
+        return "run the same command without FORCE_RETRAIN to resume from the checkpoints"
     return "run the same command again to resume"
+
+
+def out_of_memory_advice(notebook_name: str) -> str:
+    """Return the advice for a kernel that the system killed for lack of memory.
+
+    Only the notebook that died is to be run again, because --set reaches every notebook that a command names,
+    so FORCE_RETRAIN would retrain notebooks that had finished.
+    """
+    return (f"If it ran out of memory, which Linux answers by killing the process, run only {notebook_name} again, "
+            f"by naming it on the command line, because --set reaches every notebook in the command. "
+            f"For less memory in evaluation, lower EVAL_BATCH_SIZE with --set, which needs no FORCE_RETRAIN, "
+            f"because checkpoints do not record it. For less memory in training, lower BATCH_SIZE or the model's "
+            f"sizes with --set and add --set FORCE_RETRAIN=1, because checkpoints record the sizes.")
 
 
 def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.PathLike,
@@ -120,7 +160,11 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     def echo(line):
         log(f"[{notebook_path.name} {time.monotonic() - start:7.1f}s]   {line}", flush=True)
 
-    socket_dir = tempfile.mkdtemp(prefix="nbkernel-")   # removed below, but a killed run leaves it in place
+    socket_dir = make_socket_dir()          # removed below, but a killed run leaves it in place
+    if socket_dir is None and os.name == "posix":
+        log(f"[{notebook_path.name}] the kernel uses TCP, because no folder for Unix domain sockets with paths of "
+            f"at most {SOCKET_PATH_MAX_BYTES} bytes could be created in {tempfile.gettempdir()} or /tmp. "
+            f"Set TMPDIR to a shorter writable folder to avoid TCP.", flush=True)
     client = EchoingClient(notebook, echo=echo if echo_output else None, timeout=timeout_per_cell,
                            kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}},
                            config=kernel_config(socket_dir))
@@ -144,14 +188,13 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                 except DeadKernelError as error:
                     failure = NotebookFailed(
                         f"{notebook_path.name}: the kernel died in code cell {number} of {len(code_cells)} "
-                        f"('{_cell_title(cell)}'): {error}. Checkpoints written so far are kept. If it ran out of "
-                        f"memory, which Linux answers by killing the process, lower BATCH_SIZE or the model's sizes "
-                        f"with --set and add --set FORCE_RETRAIN=1, because checkpoints record the sizes. "
-                        f"Otherwise {resume_advice(env or {})}.")
+                        f"('{_cell_title(cell)}'): {error}. Checkpoints written so far are kept. "
+                        f"{out_of_memory_advice(notebook_path.name)} Otherwise {resume_advice(env or {})}.")
                     break
             finished = failure is None
     finally:
-        shutil.rmtree(socket_dir, ignore_errors=True)
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
         # An interrupted or failed run must not replace the copy of the last run that finished.
         written = output_path if finished else failed_copy_path(output_path)
         try:
@@ -252,6 +295,14 @@ def unwritable_folder(folder: Path) -> str | None:
     return None
 
 
+def repo_path(value: str) -> Path:
+    """Return `value` as an absolute path, with "~" expanded and a relative path taken from REPO_ROOT.
+
+    The kernels start in REPO_ROOT, so this is where the notebooks take a relative path from as well.
+    """
+    return (REPO_ROOT / Path(value).expanduser()).resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", default=list(NOTEBOOKS),
@@ -259,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=os.environ.get("PROFILE", "auto"), choices=PROFILES,
                         help="settings profile (default: auto, i.e. full on a GPU, cpu otherwise)")
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
-                        help="folder with ptb/, mnist/, svhn/; downloads land here (default: data)")
+                        help="folder with ptb/, mnist/, svhn/, where downloads also go. A relative path is "
+                             "taken from the repository root (default: data)")
     parser.add_argument("--report-dir", default=os.environ.get("REPORT_DIR", "report"),
-                        help="figures/, results/ and executed/ are written below it (default: report)")
+                        help="figures/, results/ and executed/ are written below it. A relative path is taken "
+                             "from the repository root (default: report)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override any other setting, e.g. --set TARGET_DOMAIN=synthetic")
     args = parser.parse_args(argv)
@@ -272,9 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"unset it or pass e.g. --profile cpu")
     args.profile = profile
 
-    report_dir = Path(args.report_dir).resolve()
-    env = {"PROFILE": args.profile, "DATA_DIR": str(Path(args.data_dir).resolve()),
-           "REPORT_DIR": str(report_dir)}
+    report_dir = repo_path(args.report_dir)
+    env = {"PROFILE": args.profile, "DATA_DIR": str(repo_path(args.data_dir)), "REPORT_DIR": str(report_dir)}
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep or not name:
