@@ -829,6 +829,26 @@ def test_invalid_setting_names_value(repo_root, tmp_path, name, value):
     assert value in str(error.value)
 
 
+def test_none_text_keeps_folder_names(repo_root, tmp_path, monkeypatch):
+    """"none" means the profile's value only for settings that default to None."""
+    module = load_with_setting(monkeypatch, repo_root, tmp_path, "CHECKPOINT_DIR", "none")
+    assert module.CHECKPOINT_DIR == "none"
+    module = load_with_setting(monkeypatch, repo_root, tmp_path, "HIDDEN_SIZE", "None")
+    assert module.HIDDEN_SIZE == module.PROFILE_SETTINGS["smoke"]["HIDDEN_SIZE"]
+
+
+@pytest.mark.parametrize("name, value", [("PROFILE", None), ("DATA_DIR", 5), ("REPORT_DIR", ""),
+                                         ("CHECKPOINT_DIR", None), ("LEARNING_RATE", True), ("GRAD_CLIP", True),
+                                         ("DROPOUT", False)])
+def test_invalid_cell_value_raises(part1, monkeypatch, name, value):
+    for setting in part1.SETTING_NAMES:
+        monkeypatch.delenv(setting, raising=False)
+    namespace = {"SETTING_NAMES": part1.SETTING_NAMES, "PROFILE_SETTINGS": part1.PROFILE_SETTINGS,
+                 **part1.SETTINGS, name: value}
+    with pytest.raises(ValueError, match=f"{name}={value!r} is invalid"):
+        part1.resolve_settings(namespace)
+
+
 def train_settings(part1, **changes):
     settings = dict(part1.SETTINGS)
     settings.update(TRAIN_STEPS=6, EVAL_EVERY=2, VALID_TOKENS_DURING_TRAINING=None, WINDOW=5, BATCH_SIZE=3,
@@ -933,7 +953,7 @@ def test_checkpoint_from_other_data_is_rejected(part1, tmp_path):
     assert "FORCE_RETRAIN" in str(error.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"hello\n", b"t", None])
 def test_unreadable_checkpoint_names_file_and_fix(part1, tmp_path, content):
     path = tmp_path / "model.pt"
     if content is None:
@@ -1069,8 +1089,19 @@ def test_first_step_out_of_memory_advice(part1, tmp_path, monkeypatch):
     assert "FORCE_RETRAIN" not in message
 
 
+def test_oversized_batch_advice_halves_real_batch(part1, tmp_path, monkeypatch):
+    """300 tokens in windows of 5 make 58 windows an epoch, so BATCH_SIZE=100 runs batches of 58."""
+    monkeypatch.setattr(part1.MyLSTM_att, "forward_all", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        run_training(part1, tmp_path / "model.pt", train_settings(part1, BATCH_SIZE=100))
+    message = str(error.value)
+    assert "BATCH_SIZE=100, WINDOW=5, EMBED_SIZE=4, HIDDEN_SIZE=6 (batches of 58 windows" in message
+    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=29, or the other sizes" in message
+
+
 @pytest.mark.parametrize("batch_size, phrases", [
-    (8, ("batches of 8 windows of 5 tokens", "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=4, and run again.")),
+    (8, ("batches of 8 windows of 5 tokens.", "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=4, and run again.")),
+    (100, ("batches of 39 windows of 5 tokens (EVAL_BATCH_SIZE=100).", "e.g. EVAL_BATCH_SIZE=19,")),
     (1, ("batches of 1 window of 5 tokens", "EVAL_BATCH_SIZE is already 1, so lower WINDOW or HIDDEN_SIZE")),
 ])
 def test_evaluation_out_of_memory_advice(part1, monkeypatch, batch_size, phrases):
@@ -1214,6 +1245,17 @@ def test_window_and_batch_must_be_positive(part1):
         part1.WindowBatcher(ids, True, 3, 0)
     batcher = part1.WindowBatcher(ids, np.int64(5), torch.tensor(4), 0)       # NumPy and tensor integers work
     assert batcher.batch(0)[0].shape == (4, 5)
+
+
+def test_batcher_needs_two_windows_of_tokens(part1):
+    """At an offset of up to WINDOW - 1, one window and its last target need 2 * WINDOW + 1 tokens."""
+    with pytest.raises(ValueError, match=r"has 24 tokens, fewer than 2 \* WINDOW \+ 1 = 25"):
+        part1.WindowBatcher(torch.arange(24), 12, 4, 0)
+    batcher = part1.WindowBatcher(torch.arange(25), 12, 4, 0)
+    for step in range(5):
+        inputs, targets = batcher.batch(step)
+        assert inputs.shape == (1, 12)
+        assert torch.equal(targets, inputs + 1)
 
 
 def test_generate_rejects_zero_temperature(part1):
