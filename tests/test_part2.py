@@ -430,6 +430,23 @@ def test_svhn_missing_offline_names_files_and_fallback(nb, tmp_path, monkeypatch
     assert "--set TARGET_DOMAIN=synthetic" in message
 
 
+def test_download_off_names_missing_files(nb, tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("DOWNLOAD=False must not download")
+
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", no_download)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_svhn(tmp_path, download=False)
+    assert f"SVHN file {tmp_path / 'svhn' / 'train_32x32.mat'} is missing and DOWNLOAD is False." in str(error.value)
+    assert "TARGET_DOMAIN='synthetic'" in str(error.value)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert "are missing in" in str(error.value)
+    assert "DOWNLOAD is False" in str(error.value)
+    assert not (tmp_path / "svhn").exists()
+    assert not (tmp_path / "mnist").exists()
+
+
 def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
     def partial_then_offline(url, root, filename, md5):
         Path(root).mkdir(parents=True, exist_ok=True)
@@ -663,7 +680,7 @@ def test_checkpoint_from_other_data_is_rejected(tiny_run):
         tiny_run.train_cyclegan("run", 11, 2)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"hello\n", b"t"])
 def test_unreadable_checkpoint_names_file(tiny_run, content):
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -733,8 +750,9 @@ def test_out_of_memory_keeps_checkpoint(tiny_run, monkeypatch):
     message = str(error.value)
     assert "iteration 3 ran out of CPU memory with BATCH_SIZE=8, CONV_DIM_G=4, CONV_DIM_D=4" in message
     assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=4, or CONV_DIM_G and CONV_DIM_D and train again." in message
-    assert "Set FORCE_RETRAIN=True as well" in message
-    assert f"{tiny_run.RUN_CHECKPOINT_DIR} (cyclegan_run.pt)" in message
+    assert f"New sizes need new checkpoints in place of cyclegan_run.pt in {tiny_run.RUN_CHECKPOINT_DIR}." in message
+    assert "Move those files elsewhere first, or set FORCE_RETRAIN=True" in message
+    assert message.endswith("so also trains the digit classifiers again.")
     assert checkpoint.read_bytes() == saved[0], "the checkpoint is left as it was"
 
 
@@ -755,7 +773,66 @@ def test_out_of_memory_counts_finished_runs(tiny_run, monkeypatch):
     with pytest.raises(MemoryError) as error:
         tiny_run.train_cyclegan("2class", 2, 0)
     assert "iteration 1 ran out of CPU memory" in str(error.value)
-    assert "(cyclegan_11class.pt)" in str(error.value)
+    assert "in place of cyclegan_11class.pt in" in str(error.value)
+
+
+def test_oversized_batch_advice_halves_real_batch(tiny_run, monkeypatch):
+    """With 30 training images per domain, BATCH_SIZE=100 runs batches of 30."""
+    monkeypatch.setattr(tiny_run, "BATCH_SIZE", 100)
+    monkeypatch.setattr(tiny_run, "train_iteration", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_cyclegan("run", 11, 0)
+    message = str(error.value)
+    assert "BATCH_SIZE=100, CONV_DIM_G=4, CONV_DIM_D=4 (batches of at most 30 images" in message
+    assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=15," in message
+
+
+def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch):
+    """A check that runs out of memory saves the iterations before it, and a rerun resumes from them."""
+    _, reference = tiny_run.train_cyclegan("reference", 11, 2)
+    original = tiny_run.class_preservation
+    calls = []
+
+    def fails_at_iteration_2(*args):
+        calls.append(1)
+        if len(calls) == 3:                     # two calls at iteration 0, then the check at iteration 2
+            allocation_failure()
+        return original(*args)
+
+    monkeypatch.setattr(tiny_run, "class_preservation", fails_at_iteration_2)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    message = str(error.value)
+    assert "the class-preservation check at iteration 2 ran out of CPU memory in batches of 10 images" in message
+    assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=5, and run again." in message
+    saved = torch.load(tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt", weights_only=True)
+    assert saved["step"] == 2
+    assert saved["finished"] is False
+    monkeypatch.setattr(tiny_run, "class_preservation", original)
+    _, resumed = tiny_run.train_cyclegan("run", 11, 2)
+    assert resumed.losses == reference.losses
+
+
+def test_final_evaluation_out_of_memory_advice(tiny_run, monkeypatch):
+    gan = small_gan(tiny_run)
+    monkeypatch.setattr(tiny_run, "cycle_error", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.evaluate_cyclegan(gan)
+    message = str(error.value)
+    assert message.startswith("the evaluation on the full test sets ran out of CPU memory in batches of 10 images")
+    assert "(EVAL_BATCH_SIZE=500," in message
+    assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=5, and run again." in message
+
+
+def test_classifier_out_of_memory_names_width(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny_run, "optimizer_step", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_classifier(tiny_run.target, 4, 2, 0, tmp_path / "classifier.pt", batch_size=8)
+    message = str(error.value)
+    assert message.startswith("the synthetic digit classifier ran out of CPU memory at training step 1")
+    assert "with CLASSIFIER_WIDTH=4 and batches of 8 images." in message
+    assert "Lower CLASSIFIER_WIDTH, e.g. CLASSIFIER_WIDTH=2, and run again." in message
+    assert not (tmp_path / "classifier.pt").exists()
 
 
 def test_other_training_errors_pass_unchanged(tiny_run, monkeypatch):
@@ -980,7 +1057,8 @@ def test_fused_adam_matches_plain_adam(nb):
                                        f"{where}: {text}")
 
 
-@pytest.mark.parametrize("case", ["no X", "28x28 images", "more labels", "garbage", "float images"])
+@pytest.mark.parametrize("case", ["no X", "28x28 images", "more labels", "garbage", "float images", "empty",
+                                  "text labels"])
 def test_malformed_svhn_file_names_file_and_fix(nb, tmp_path, case):
     path = tmp_path / "svhn" / "train_32x32.mat"
     path.parent.mkdir(parents=True)
@@ -994,6 +1072,10 @@ def test_malformed_svhn_file_names_file_and_fix(nb, tmp_path, case):
         scipy.io.savemat(path, {"X": images, "y": np.ones((5, 1), dtype=np.uint8)})
     elif case == "float images":
         scipy.io.savemat(path, {"X": images.astype(np.float64), "y": labels})
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "text labels":
+        scipy.io.savemat(path, {"X": images, "y": np.array(["1", "2", "3", "4"])})
     else:
         path.write_bytes(b"<html>404 Not Found</html>")
     with pytest.raises(ValueError) as error:
