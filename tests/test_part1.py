@@ -837,6 +837,26 @@ def test_none_text_keeps_folder_names(repo_root, tmp_path, monkeypatch):
     assert module.HIDDEN_SIZE == module.PROFILE_SETTINGS["smoke"]["HIDDEN_SIZE"]
 
 
+def test_single_window_split_advice(part1, monkeypatch):
+    """A split of one window gets the advice for a batch that cannot shrink, whatever EVAL_BATCH_SIZE is."""
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    monkeypatch.setattr(model, "forward_all", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        part1.evaluate(model, torch.randint(17, (8,)), 5, 64)
+    message = str(error.value)
+    assert "batches of 1 window of up to 5 tokens (EVAL_BATCH_SIZE=64)." in message
+    assert "A batch of one window cannot be split" in message
+
+
+def test_memory_error_on_load_is_not_corruption(part1, tmp_path, monkeypatch):
+    """A checkpoint that the machine lacks memory to load is not called unreadable, so nobody deletes it."""
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1))
+    monkeypatch.setattr(part1.torch, "load", allocation_failure)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        part1.load_checkpoint(path, train_settings(part1))
+
+
 @pytest.mark.parametrize("name, value", [("PROFILE", None), ("DATA_DIR", 5), ("REPORT_DIR", ""),
                                          ("CHECKPOINT_DIR", None), ("LEARNING_RATE", True), ("GRAD_CLIP", True),
                                          ("DROPOUT", False)])
@@ -1100,9 +1120,10 @@ def test_oversized_batch_advice_halves_real_batch(part1, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("batch_size, phrases", [
-    (8, ("batches of 8 windows of 5 tokens.", "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=4, and run again.")),
-    (100, ("batches of 39 windows of 5 tokens (EVAL_BATCH_SIZE=100).", "e.g. EVAL_BATCH_SIZE=19,")),
-    (1, ("batches of 1 window of 5 tokens", "EVAL_BATCH_SIZE is already 1, so lower WINDOW or HIDDEN_SIZE")),
+    (8, ("batches of 8 windows of up to 5 tokens.", "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=4, and run again.")),
+    (100, ("batches of 39 windows of up to 5 tokens (EVAL_BATCH_SIZE=100).", "e.g. EVAL_BATCH_SIZE=19,")),
+    (1, ("batches of 1 window of up to 5 tokens.",
+         "A batch of one window cannot be split, so lower WINDOW or HIDDEN_SIZE")),
 ])
 def test_evaluation_out_of_memory_advice(part1, monkeypatch, batch_size, phrases):
     model = part1.MyLSTM(17, 4, 6, 0.0)
@@ -1129,6 +1150,22 @@ def test_validation_out_of_memory_names_model_and_step(part1, tmp_path, monkeypa
     assert message.startswith("MyLSTM_att: validation after step 2: evaluation ran out of CPU memory")
     assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=2, and run again." in message
     assert not (tmp_path / "model.pt").exists(), "no checkpoint comes before the first validation"
+
+
+# Messages of failed allocations and of another error, with whether is_out_of_memory must accept them.
+ALLOCATION_MESSAGES = [
+    ("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes",
+     True),
+    ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", False),
+]
+
+
+@pytest.mark.parametrize("message, expected", ALLOCATION_MESSAGES)
+def test_out_of_memory_messages_recognised(part1, message, expected):
+    assert part1.is_out_of_memory(RuntimeError(message)) is expected
+    assert part1.is_out_of_memory(torch.OutOfMemoryError(message))
 
 
 def test_other_runtime_errors_pass_unchanged(part1, monkeypatch):

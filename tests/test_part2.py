@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from test_part1 import MakeFolderOnLoad, allocation_failure
+from test_part1 import ALLOCATION_MESSAGES, MakeFolderOnLoad, allocation_failure
 
 from tools.nbdefs import load_definitions, tagged_cells
 
@@ -537,8 +537,14 @@ def test_eval_translation_independent_of_batch(nb):
 def test_sampling_restores_train_mode(nb):
     gan = small_gan(nb)
     gan.F.eval()
-    samples = nb.sample_translations(gan, batches()[0][0][:2], batches()[1][0][:2])
+    m_fixed, s_fixed = batches()[0][0][:2], batches()[1][0][:2]
+    samples = nb.sample_translations(gan, m_fixed, s_fixed, step=0)
     assert samples["G(m)"].shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        gan.G.eval()
+        expected = gan.F(gan.G(m_fixed))
+        gan.G.train()
+    assert torch.equal(samples["F(G(m))"], expected), "the grid shows F(G(m)) in eval mode"
     assert samples["F(G(m))"].shape == (2, 1, 32, 32)
     assert gan.G.training
     assert not gan.F.training  # each network gets its own previous mode back
@@ -691,6 +697,14 @@ def test_unreadable_checkpoint_names_file(tiny_run, content):
     assert "FORCE_RETRAIN" in str(error.value)
 
 
+def test_memory_error_on_load_is_not_corruption(tiny_run, monkeypatch):
+    """A checkpoint that the machine lacks memory to load is not called unreadable, so nobody deletes it."""
+    tiny_run.train_cyclegan("run", 11, 2)
+    monkeypatch.setattr(tiny_run.torch, "load", allocation_failure)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        tiny_run.train_cyclegan("run", 11, 2)
+
+
 def test_code_running_checkpoint_is_rejected(tiny_run, tmp_path):
     marker = tmp_path / "ran"
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
@@ -756,6 +770,12 @@ def test_out_of_memory_keeps_checkpoint(tiny_run, monkeypatch):
     assert checkpoint.read_bytes() == saved[0], "the checkpoint is left as it was"
 
 
+@pytest.mark.parametrize("message, expected", ALLOCATION_MESSAGES)
+def test_out_of_memory_messages_recognised(nb, message, expected):
+    assert nb.is_out_of_memory(RuntimeError(message)) is expected
+    assert nb.is_out_of_memory(torch.OutOfMemoryError(message))
+
+
 def test_pretraining_out_of_memory_names_sizes(tiny_run, monkeypatch):
     monkeypatch.setattr(tiny_run, "pretrain_discriminators", allocation_failure)
     with pytest.raises(MemoryError) as error:
@@ -787,30 +807,36 @@ def test_oversized_batch_advice_halves_real_batch(tiny_run, monkeypatch):
     assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=15," in message
 
 
-def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch):
-    """A check that runs out of memory saves the iterations before it, and a rerun resumes from them."""
+@pytest.mark.parametrize("failing_call, iteration", [(3, 2), (5, 4)])   # two calls per check, one at iteration 0
+def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch, failing_call, iteration):
+    """A check that runs out of memory saves the iterations before it, and a rerun runs the check and goes on."""
     _, reference = tiny_run.train_cyclegan("reference", 11, 2)
     original = tiny_run.class_preservation
     calls = []
 
-    def fails_at_iteration_2(*args):
+    def fails_once(*args):
         calls.append(1)
-        if len(calls) == 3:                     # two calls at iteration 0, then the check at iteration 2
+        if len(calls) == failing_call:
             allocation_failure()
         return original(*args)
 
-    monkeypatch.setattr(tiny_run, "class_preservation", fails_at_iteration_2)
+    monkeypatch.setattr(tiny_run, "class_preservation", fails_once)
     with pytest.raises(MemoryError) as error:
         tiny_run.train_cyclegan("run", 11, 2)
     message = str(error.value)
-    assert "the class-preservation check at iteration 2 ran out of CPU memory in batches of 10 images" in message
+    assert f"the class-preservation check at iteration {iteration} ran out of CPU memory in batches of 10 images" \
+        in message
     assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=5, and run again." in message
     saved = torch.load(tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt", weights_only=True)
-    assert saved["step"] == 2
+    assert saved["step"] == iteration
     assert saved["finished"] is False
-    monkeypatch.setattr(tiny_run, "class_preservation", original)
     _, resumed = tiny_run.train_cyclegan("run", 11, 2)
     assert resumed.losses == reference.losses
+    assert resumed.checks == reference.checks
+    assert [sample["step"] for sample in resumed.samples] == [sample["step"] for sample in reference.samples]
+    for got, expected in zip(resumed.samples, reference.samples):
+        for row in ("G(m)", "F(s)"):
+            assert torch.equal(got[row], expected[row]), (expected["step"], row)
 
 
 def test_final_evaluation_out_of_memory_advice(tiny_run, monkeypatch):

@@ -330,22 +330,29 @@ def test_setting_names_come_from_parameters_cell(repo_root):
 @pytest.mark.parametrize("notebook, section", [("part1_lstm.ipynb", "### Part 1 only"),
                                                ("part2_cyclegan.ipynb", "### Part 2 only")])
 def test_settings_reference_matches_notebooks(repo_root, notebook, section):
-    """docs/NOTEBOOKS.md names every setting, and its profile tables hold the parameters cell's values."""
-    reference = (repo_root / "docs" / "NOTEBOOKS.md").read_text()
+    """docs/NOTEBOOKS.md describes each setting in the shared table or the notebook's own text, and its profile
+    tables hold the parameters cell's values, with their types."""
+    settings_text = (repo_root / "docs" / "NOTEBOOKS.md").read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    shared = settings_text.split("Names shared by both notebooks", 1)[1].split("### Part 1 only", 1)[0]
+    shared_rows = "\n".join(line for line in shared.splitlines() if line.startswith("| `"))
+    own = settings_text.split(section, 1)[1].split("\n### ", 1)[0]
+    # Part 1's speed settings are described between the shared table and its own section.
+    described = shared_rows + own + (shared if notebook == "part1_lstm.ipynb" else "")
     for name in run_notebooks.setting_names(repo_root / notebook) - {"PROFILE_SETTINGS"}:
-        assert f"`{name}`" in reference, f"docs/NOTEBOOKS.md does not describe {notebook}'s {name}"
+        assert f"`{name}`" in described, f"docs/NOTEBOOKS.md does not describe {notebook}'s {name}"
     namespace = {}
     exec(next(text for tag, text in tagged_cells(repo_root / notebook) if tag == PARAMETERS_TAG), namespace)
     profiles = namespace["PROFILE_SETTINGS"]
-    table = reference.split(section, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
     rows = {}
-    for line in table.splitlines():
+    for line in own.splitlines():
         cells = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
         if line.startswith("| `"):
             rows[cells[0]] = [ast.literal_eval(value) for value in cells[1:4]]
     assert set(rows) == set(profiles["cpu"])
     for name, values in rows.items():
-        assert values == [profiles[profile][name] for profile in ("smoke", "cpu", "full")], name
+        expected = [profiles[profile][name] for profile in ("smoke", "cpu", "full")]
+        assert values == expected, name
+        assert [type(value) for value in values] == [type(value) for value in expected], name
 
 
 @pytest.mark.parametrize("profile, cuda, expected", [

@@ -7,8 +7,8 @@ the settings passed as environment variables (see docs/NOTEBOOKS.md). The
 executed copy is written to REPORT_DIR/executed/<notebook>.<profile>.ipynb,
 with "auto" replaced by the profile it resolves to, and for part 2 to
 <notebook>.<profile>.<target domain>.ipynb. When a cell fails, the copy
-goes to <notebook>.<profile>.failed.ipynb instead, so that the failing output
-can be inspected and the last good run's copy is kept.
+goes to the same name with .failed before .ipynb instead, so that the
+failing output can be inspected and the last good run's copy is kept.
 
 Before any notebook starts, the report folder and the checkpoint folder are
 checked: a folder that cannot be written stops the run there, not after hours
@@ -133,8 +133,8 @@ def out_of_memory_advice(notebook_name: str) -> str:
     return (f"If it ran out of memory, which Linux answers by killing the process, run only {notebook_name} again, "
             f"by naming it on the command line, because --set reaches every notebook in the command. "
             f"For less memory in evaluation, lower EVAL_BATCH_SIZE with --set, which needs no FORCE_RETRAIN, "
-            f"because checkpoints do not record it. For less memory in training, lower BATCH_SIZE or the model's "
-            f"sizes with --set and add --set FORCE_RETRAIN=1, because checkpoints record the sizes.")
+            f"because checkpoints are reused whatever its value. For less memory in training, lower BATCH_SIZE "
+            f"or the model's sizes with --set and add --set FORCE_RETRAIN=1, because checkpoints record the sizes.")
 
 
 def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.PathLike,
