@@ -849,7 +849,7 @@ def test_single_window_split_advice(part1, monkeypatch):
 
 
 def test_memory_error_on_load_is_not_corruption(part1, tmp_path, monkeypatch):
-    """A checkpoint that the machine lacks memory to load is not called unreadable, so nobody deletes it."""
+    """A checkpoint that the machine lacks memory to load is not called unreadable, which would invite deleting it."""
     path = tmp_path / "model.pt"
     run_training(part1, path, train_settings(part1))
     monkeypatch.setattr(part1.torch, "load", allocation_failure)
@@ -1149,6 +1149,7 @@ def test_validation_out_of_memory_names_model_and_step(part1, tmp_path, monkeypa
     message = str(error.value)
     assert message.startswith("MyLSTM_att: validation after step 2: evaluation ran out of CPU memory")
     assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=2, and run again." in message
+    assert message.endswith("Training resumes from the checkpoint at step 0, so steps 1 to 2 run again.")
     assert not (tmp_path / "model.pt").exists(), "no checkpoint comes before the first validation"
 
 

@@ -154,6 +154,29 @@ def test_non_boolean_cell_value_raises(nb, name, value):
     assert "environment variable or --set" in str(error.value)
 
 
+@pytest.mark.parametrize("name, value", [("DATA_DIR", 5), ("REPORT_DIR", "  "), ("CHECKPOINT_DIR", "")])
+def test_invalid_folder_cell_value_raises(nb, name, value):
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    defaults[name] = value
+    with pytest.raises(ValueError, match=f"{name}={value!r} is invalid: it must be a folder path"):
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
+
+
+def test_none_outside_profiles_names_fix(nb):
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    defaults["EVAL_BATCH_SIZE"] = None
+    with pytest.raises(ValueError, match="EVAL_BATCH_SIZE is None.*give it a value in the settings cell"):
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
+
+
+def test_none_text_keeps_profile_value(nb):
+    """--set BATCH_SIZE=none reaches both notebooks, and both read it as the profile's value."""
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    defaults.update(PROFILE="smoke", BATCH_SIZE=None)
+    settings = nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {"BATCH_SIZE": " None "}, False)
+    assert settings["BATCH_SIZE"] == nb.PROFILE_SETTINGS["smoke"]["BATCH_SIZE"]
+
+
 @pytest.mark.parametrize("text, expected", [("true", True), ("0", False)])
 def test_environment_boolean_replaces_cell_value(nb, text, expected):
     """An environment value is parsed as a boolean even where the settings cell contains another type."""
@@ -550,6 +573,37 @@ def test_sampling_restores_train_mode(nb):
     assert not gan.F.training  # each network gets its own previous mode back
 
 
+def test_sampling_out_of_memory_counts_images(nb, monkeypatch):
+    gan = small_gan(nb)
+    monkeypatch.setattr(nb, "translate", allocation_failure)
+    with pytest.raises(MemoryError, match="sample grids at iteration 6 ran out of CPU memory in batches of 2 images"):
+        nb.sample_translations(gan, batches()[0][0][:2], batches()[1][0][:2], step=6)
+
+
+def test_failed_calibration_restores_batch_norm(tiny_run, monkeypatch):
+    """update_bn sets momentum to None and train mode, and restores them only when it finishes."""
+    gan = small_gan(tiny_run)
+    gan.G.eval()
+    monkeypatch.setattr(gan.G, "forward", allocation_failure)
+    with pytest.raises(MemoryError, match="batch norm calibration ran out of CPU memory in batches of 8 images"):
+        tiny_run.calibrate_batch_norm(gan)
+    layers = [module for module in gan.G.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert [layer.momentum for layer in layers] == [0.1] * len(layers)
+    assert not gan.G.training
+
+
+def test_classifier_scoring_out_of_memory_keeps_training(tiny_run, tmp_path, monkeypatch):
+    path = tmp_path / "classifier.pt"
+    monkeypatch.setattr(tiny_run, "predict", allocation_failure)
+    with pytest.raises(MemoryError, match="scoring the synthetic digit classifier ran out of CPU memory"):
+        tiny_run.train_classifier(tiny_run.target, 4, 2, 0, path, batch_size=8)
+    assert path.exists(), "the trained weights are saved before scoring"
+    monkeypatch.undo()
+    monkeypatch.setattr(tiny_run, "optimizer_step", allocation_failure)   # the rerun must not train
+    _, accuracy = tiny_run.train_classifier(tiny_run.target, 4, 2, 0, path, batch_size=8)
+    assert 0 <= accuracy <= 1
+
+
 def test_class_preservation_counts(nb):
     class ConstantClassifier(torch.nn.Module):
         def forward(self, x):
@@ -698,7 +752,7 @@ def test_unreadable_checkpoint_names_file(tiny_run, content):
 
 
 def test_memory_error_on_load_is_not_corruption(tiny_run, monkeypatch):
-    """A checkpoint that the machine lacks memory to load is not called unreadable, so nobody deletes it."""
+    """A checkpoint that the machine lacks memory to load is not called unreadable, which would invite deleting it."""
     tiny_run.train_cyclegan("run", 11, 2)
     monkeypatch.setattr(tiny_run.torch, "load", allocation_failure)
     with pytest.raises(RuntimeError, match="can't allocate memory"):

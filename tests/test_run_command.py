@@ -213,9 +213,10 @@ def test_non_notebook_argument_is_rejected(name, capsys):
     assert "part1_lstm.ipynb" in message, "the error lists the notebooks"
 
 
-def test_profile_table_is_not_a_setting(capsys):
+@pytest.mark.parametrize("notebooks", [[], ["part1_lstm.ipynb"]])
+def test_profile_table_is_not_a_setting(capsys, notebooks):
     with pytest.raises(SystemExit):
-        run_notebooks.main(["--profile", "smoke", "--set", "PROFILE_SETTINGS=x"])
+        run_notebooks.main(["--profile", "smoke", "--set", "PROFILE_SETTINGS=x", *notebooks])
     assert "no such setting" in capsys.readouterr().err
 
 
