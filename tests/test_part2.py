@@ -861,7 +861,7 @@ def test_oversized_batch_advice_halves_real_batch(tiny_run, monkeypatch):
     assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=15," in message
 
 
-@pytest.mark.parametrize("failing_call, iteration", [(3, 2), (5, 4)])   # two calls per check, one at iteration 0
+@pytest.mark.parametrize("failing_call, iteration", [(3, 2), (5, 4)])   # two calls per check, 1 and 2 at iteration 0
 def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch, failing_call, iteration):
     """A check that runs out of memory saves the iterations before it, and a rerun runs the check and goes on."""
     _, reference = tiny_run.train_cyclegan("reference", 11, 2)
