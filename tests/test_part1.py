@@ -1149,8 +1149,37 @@ def test_validation_out_of_memory_names_model_and_step(part1, tmp_path, monkeypa
     message = str(error.value)
     assert message.startswith("MyLSTM_att: validation after step 2: evaluation ran out of CPU memory")
     assert "Lower EVAL_BATCH_SIZE, e.g. EVAL_BATCH_SIZE=2, and run again." in message
-    assert message.endswith("Training resumes from the checkpoint at step 0, so steps 1 to 2 run again.")
-    assert not (tmp_path / "model.pt").exists(), "no checkpoint comes before the first validation"
+    assert message.endswith("The checkpoint keeps the training up to step 2, and a rerun validates it first.")
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["step"] == 2
+    assert saved["history"] == []
+    assert saved["pending_validation"]["tokens"] == 2 * 3 * 5, "two steps of 3 windows of 5 tokens"
+
+
+@pytest.mark.parametrize("failing_validation", [2, 3])       # validations come after steps 2, 4 and 6
+def test_validation_out_of_memory_resumes_identically(part1, tmp_path, monkeypatch, failing_validation):
+    """A rerun after validation ran out of memory validates that step first and then trains as if uninterrupted."""
+    settings = train_settings(part1)
+    straight, straight_history = run_training(part1, tmp_path / "straight.pt", settings)
+    original = part1.evaluate
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_validation:
+            raise MemoryError("evaluation ran out of CPU memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(part1, "evaluate", fails_once)
+    with pytest.raises(MemoryError):
+        run_training(part1, tmp_path / "resumed.pt", settings)
+    monkeypatch.setattr(part1, "evaluate", original)
+    resumed, resumed_history = run_training(part1, tmp_path / "resumed.pt", settings, seed=99)
+    timeless = [{key: row[key] for key in ("step", "train_loss", "valid_perplexity")} for row in straight_history]
+    assert [{key: row[key] for key in timeless[0]} for row in resumed_history] == timeless
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert "pending_validation" not in torch.load(tmp_path / "resumed.pt", weights_only=True)
 
 
 # Messages of failed allocations and of another error, with whether is_out_of_memory must accept them.
