@@ -165,7 +165,7 @@ def test_invalid_folder_cell_value_raises(nb, name, value):
 def test_none_outside_profiles_names_fix(nb):
     defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
     defaults["EVAL_BATCH_SIZE"] = None
-    with pytest.raises(ValueError, match="EVAL_BATCH_SIZE is None.*give it a value in the settings cell"):
+    with pytest.raises(ValueError, match="EVAL_BATCH_SIZE is None.*Give it a value in the settings cell"):
         nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
 
 

@@ -245,7 +245,7 @@ def setting_names(notebook_path: Path) -> set[str]:
 
 
 def setting_default(notebook_path: Path, name: str):
-    """Return the literal value that a notebook's parameters cell assigns to `name`, or None."""
+    """Return the literal value that a notebook's parameters cell assigns to `name`, or None if it assigns none."""
     source = next(text for tag, text in tagged_cells(notebook_path) if tag == PARAMETERS_TAG)
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and any(isinstance(target, ast.Name) and target.id == name
