@@ -837,6 +837,15 @@ def test_none_text_keeps_folder_names(repo_root, tmp_path, monkeypatch):
     assert module.HIDDEN_SIZE == module.PROFILE_SETTINGS["smoke"]["HIDDEN_SIZE"]
 
 
+def test_home_folder_in_settings_expanded(repo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    module = load_definitions(repo_root / NOTEBOOK, module_name="part1_home", env={
+        "PROFILE": "smoke", "DATA_DIR": "~/data", "REPORT_DIR": "~/report", "CHECKPOINT_DIR": "~/checkpoints"})
+    assert module.DATA_PATH == tmp_path / "data"
+    assert module.RESULTS_PATH == tmp_path / "report" / "results" / "part1_smoke.json"
+    assert module.CHECKPOINT_PATH == tmp_path / "checkpoints" / "part1_smoke"
+
+
 def test_single_window_split_advice(part1, monkeypatch):
     """A split of one window gets the advice for a batch that cannot shrink, whatever EVAL_BATCH_SIZE is."""
     model = part1.MyLSTM(17, 4, 6, 0.0)

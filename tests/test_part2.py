@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import gzip
 import json
 import math
 import re
@@ -468,6 +469,70 @@ def test_download_off_names_missing_files(nb, tmp_path, monkeypatch):
     assert "DOWNLOAD is False" in str(error.value)
     assert not (tmp_path / "svhn").exists()
     assert not (tmp_path / "mnist").exists()
+
+
+def gzip_mnist_files(raw):
+    """Replace each MNIST file in `raw` with its .gz archive, as torchvision downloads them."""
+    for path in sorted(raw.iterdir()):
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as archive:
+            archive.write(path.read_bytes())
+        path.unlink()
+
+
+def test_mnist_archives_unpack_without_download(nb, tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("DOWNLOAD=False must not download")
+
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", no_download)
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    expected = nb.load_mnist(tmp_path, download=False)
+    gzip_mnist_files(raw)
+    mnist = nb.load_mnist(tmp_path, download=False)
+    assert torch.equal(mnist.train_images, expected.train_images)
+    assert torch.equal(mnist.test_labels, expected.test_labels)
+    assert sorted(path.name for path in raw.iterdir() if not path.name.endswith(".gz")) == sorted(nb.MNIST_RAW_FILES)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda archive: b"not gzip at all", "is not a whole gzip file (BadGzipFile"),
+    (lambda archive: archive[:len(archive) // 2], "is not a whole gzip file (EOFError"),
+    (lambda archive: gzip.compress(b"<html>404 Not Found</html>"),
+     "does not unpack to a valid MNIST file: it does not start with the idx header 2051"),
+], ids=["not-gzip", "cut-off", "not-mnist"])
+def test_bad_mnist_archive_names_it(nb, tmp_path, damage, problem):
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(raw)
+    archive = raw / "t10k-images-idx3-ubyte.gz"
+    archive.write_bytes(damage(archive.read_bytes()))
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert str(error.value).startswith(f"{archive} {problem}")
+    assert "delete it to download it again" in str(error.value)
+    assert not (raw / "t10k-images-idx3-ubyte").exists()
+    assert not (raw / "t10k-images-idx3-ubyte.partial").exists()
+
+
+def test_unwritable_mnist_folder_names_fix(nb, tmp_path):
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(raw)
+    # A folder where the temporary file goes: opening it for writing fails even as root, which a chmod does not do.
+    (raw / "train-images-idx3-ubyte.partial").mkdir()
+    with pytest.raises(OSError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert f"cannot unpack {raw / 'train-images-idx3-ubyte.gz'} because {raw} cannot be written" in str(error.value)
+    assert "set DATA_DIR to a folder that can be written" in str(error.value)
+
+
+def test_home_folder_in_settings_expanded(repo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    nb = load(repo_root, TARGET_DOMAIN="synthetic", CHECKPOINT_DIR="~/checkpoints", REPORT_DIR="~/report")
+    assert nb.RUN_CHECKPOINT_DIR == tmp_path / "checkpoints" / "part2_smoke_synthetic"
+    assert nb.RESULTS_PATH == tmp_path / "report" / "results" / "part2_smoke_synthetic.json"
+    write_tiny_data(tmp_path / "data", train=12, test=6)
+    assert len(nb.load_mnist("~/data").train_labels) == 12
 
 
 def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
