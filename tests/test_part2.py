@@ -926,9 +926,10 @@ def test_oversized_batch_advice_halves_real_batch(tiny_run, monkeypatch):
     assert "Lower BATCH_SIZE, e.g. BATCH_SIZE=15," in message
 
 
-@pytest.mark.parametrize("failing_call, iteration", [(3, 2), (5, 4)])   # two calls per check, 1 and 2 at iteration 0
+@pytest.mark.parametrize("failing_call, iteration", [(1, 0), (3, 2), (5, 4)])   # two calls per check
 def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch, failing_call, iteration):
-    """A check that runs out of memory saves the iterations before it, and a rerun runs the check and goes on."""
+    """A check that runs out of memory saves the iterations and the pretraining before it, and a rerun runs the
+    check and goes on."""
     _, reference = tiny_run.train_cyclegan("reference", 11, 2)
     original = tiny_run.class_preservation
     calls = []
@@ -949,6 +950,11 @@ def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch, failing_cal
     saved = torch.load(tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt", weights_only=True)
     assert saved["step"] == iteration
     assert saved["finished"] is False
+
+    def pretraining_again(*args):
+        raise AssertionError("a rerun must not pretrain the discriminators again")
+
+    monkeypatch.setattr(tiny_run, "pretrain_discriminators", pretraining_again)
     _, resumed = tiny_run.train_cyclegan("run", 11, 2)
     assert resumed.losses == reference.losses
     assert resumed.checks == reference.checks
@@ -956,6 +962,25 @@ def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch, failing_cal
     for got, expected in zip(resumed.samples, reference.samples):
         for row in ("G(m)", "F(s)"):
             assert torch.equal(got[row], expected[row]), (expected["step"], row)
+
+
+def test_batch_fetch_out_of_memory_names_sizes(tiny_run, monkeypatch):
+    monkeypatch.setattr(tiny_run.BatchStream, "__next__", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_cyclegan("run", 11, 0)
+    assert "iteration 1 ran out of CPU memory with BATCH_SIZE=8" in str(error.value)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_classifier(tiny_run.target, 4, 2, 0, tiny_run.RUN_CHECKPOINT_DIR / "classifier.pt", batch_size=8)
+    assert "the synthetic digit classifier ran out of CPU memory at training step 1" in str(error.value)
+
+
+def test_copying_images_out_of_memory_advice(tiny_run, monkeypatch):
+    monkeypatch.setattr(tiny_run, "BatchStream", allocation_failure)
+    with pytest.raises(MemoryError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    message = str(error.value)
+    assert message.startswith("copying the mnist and synthetic training images (0.1 MiB) to the CPU ran out of memory.")
+    assert message.endswith("and run again, which reuses every checkpoint written so far.")
 
 
 def test_final_evaluation_out_of_memory_advice(tiny_run, monkeypatch):
