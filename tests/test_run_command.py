@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -391,6 +392,33 @@ def test_interrupted_run_keeps_good_copy(tmp_path, monkeypatch):
     interrupted = [line for line in lines if "interrupted" in line]
     assert len(interrupted) == 1
     assert str(failed) in interrupted[0]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the kernel's process group gets the Ctrl-C only on POSIX systems")
+def test_ctrl_c_stops_cell_cleanly(tmp_path):
+    """Ctrl-C stops the running cell inside the kernel, which then shuts down without tracebacks."""
+    cells = ["import time\nprint('started', flush=True)\ntime.sleep(120)", "x = 1"]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    path = tmp_path / "slow.ipynb"
+    nbformat.write(notebook, path)
+    code = ("import sys\nfrom tools.run_notebooks import execute_notebook\ntry:\n"
+            "    execute_notebook(sys.argv[1], sys.argv[2])\nexcept KeyboardInterrupt:\n    sys.exit(130)")
+    run = subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / "slow.out.ipynb")],
+                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(run_notebooks.REPO_ROOT)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in run.stdout:
+        if line.rstrip().endswith("started"):           # the cell runs, so the runner's handler is in place
+            run.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130
+    assert "stopping the running cell" in stderr
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted; executed copy so far" in stdout
+    executed = nbformat.read(tmp_path / "slow.out.failed.ipynb", as_version=4)
+    assert executed.cells[0].outputs[-1]["ename"] == "KeyboardInterrupt"
+    assert executed.cells[1].execution_count is None, "no cell runs after the Ctrl-C"
 
 
 @pytest.mark.parametrize("name", run_notebooks.NOTEBOOKS)

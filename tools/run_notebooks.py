@@ -23,8 +23,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -102,6 +104,41 @@ class EchoingClient(NotebookClient):
         return super().output(outs, msg, display_id, cell_index)
 
 
+class InterruptForwarder:
+    """Context manager that passes the first Ctrl-C (SIGINT) on to the kernel, so that the running cell stops with
+    KeyboardInterrupt and the kernel can shut down cleanly. A second Ctrl-C raises KeyboardInterrupt here at once.
+
+    The kernel runs in a session of its own (jupyter_client starts it so), so the terminal's Ctrl-C reaches only
+    this process. Raising KeyboardInterrupt here instead would shut the kernel down in the middle of a cell, and
+    ipykernel and nbclient then print tracebacks about closed sockets and a dead kernel.
+    """
+
+    def __init__(self, kernel_manager):
+        self.kernel_manager = kernel_manager
+        self.requested = False
+        self.previous_handler = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # only the main thread may set handlers
+            self.previous_handler = signal.signal(signal.SIGINT, self.forward)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+
+    def forward(self, signum, frame):
+        group = getattr(getattr(self.kernel_manager, "provisioner", None), "pgid", None)
+        if self.requested or not group or not hasattr(os, "killpg"):
+            raise KeyboardInterrupt
+        self.requested = True
+        try:   # os.write, because print in a signal handler can interrupt a print of the main code
+            os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping the running cell. Press Ctrl-C again to stop at once.\n")
+        except (AttributeError, OSError, ValueError):
+            pass                      # a stderr without a file descriptor, as under pytest's capture
+        os.killpg(group, signal.SIGINT)
+
+
 def _cell_title(cell) -> str:
     for line in cell.source.splitlines():
         line = line.strip().lstrip("#").strip()
@@ -171,14 +208,18 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     failure, finished = None, False
     try:
-        with client.setup_kernel(env=kernel_env):
+        with client.setup_kernel(env=kernel_env), InterruptForwarder(client.km) as interrupt:
             for number, index in enumerate(code_cells, start=1):
+                if interrupt.requested:
+                    break
                 cell = notebook.cells[index]
                 log(f"[{notebook_path.name} {time.monotonic() - start:7.1f}s] "
                     f"cell {number}/{len(code_cells)}: {_cell_title(cell)}", flush=True)
                 try:
                     client.execute_cell(cell, index)
                 except CellExecutionError as error:
+                    if interrupt.requested:
+                        break                      # the cell stopped at the Ctrl-C passed on to the kernel
                     traceback = ANSI_ESCAPE.sub("", str(error))
                     failure = NotebookFailed(
                         f"{notebook_path.name}: code cell {number} of {len(code_cells)} "
@@ -191,7 +232,7 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                         f"('{_cell_title(cell)}'): {error}. Checkpoints written so far are kept. "
                         f"{out_of_memory_advice(notebook_path.name)} Otherwise {resume_advice(env or {})}.")
                     break
-            finished = failure is None
+            finished = failure is None and not interrupt.requested
     finally:
         if socket_dir is not None:
             shutil.rmtree(socket_dir, ignore_errors=True)
@@ -209,6 +250,8 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
         if written is not None:
             log(f"[{notebook_path.name}] executed copy of the failed run kept for inspection: {written}")
         raise failure
+    if not finished:
+        raise KeyboardInterrupt            # a Ctrl-C that the kernel received; main() gives the advice
     failed_copy_path(output_path).unlink(missing_ok=True)      # stale once a run has finished
     log(f"[{notebook_path.name}] done in {time.monotonic() - start:.1f}s including the kernel start; "
         f"executed copy: {written or 'not written'}", flush=True)
