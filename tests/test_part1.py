@@ -507,6 +507,34 @@ def test_resumed_optimizer_keeps_current_fused_adam(part1):
     assert len(resumed.state) == len(list(model.parameters())), "the moment estimates were not loaded"
 
 
+def test_resumed_fused_adam_gets_its_step_layout(part1):
+    """Fused Adam keeps each step count as float32 on the parameter's device, which CUDA's fused kernel requires.
+
+    A checkpoint of plain Adam must load in that layout when FUSED_ADAM is on now. With float64 as the default
+    dtype, plain Adam keeps its step counts in float64, so the layout shows on a CPU as well.
+    """
+    model = tiny_model(part1, "MyLSTM")
+    saved_fused, saved_dtype = part1.FUSED_ADAM, torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        part1.FUSED_ADAM = False
+        plain = part1.make_optimizer(model, 1e-3)
+        model.forward_all(torch.randint(13, (2, 4))).sum().backward()
+        plain.step()
+        part1.FUSED_ADAM = True
+        resumed = part1.make_optimizer(model, 1e-3)
+        part1.load_optimizer_state(resumed, plain.state_dict())
+    finally:
+        part1.FUSED_ADAM = saved_fused
+        torch.set_default_dtype(saved_dtype)
+    assert all(group["fused"] is True for group in resumed.param_groups)
+    assert len(resumed.state) == len(list(model.parameters())), "the moment estimates were not loaded"
+    for parameter, state in resumed.state.items():
+        assert state["step"].dtype == torch.float32
+        assert state["step"].device == parameter.device
+    resumed.step()
+
+
 def test_fused_adam_matches_plain_adam(part1):
     results = []
     for fused in (True, False):

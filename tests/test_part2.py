@@ -761,6 +761,41 @@ def test_resumed_run_keeps_current_fused_adam(tiny_run, monkeypatch):
         assert optimizer.state, "the moment estimates were not loaded"
 
 
+def test_resumed_fused_adam_gets_its_step_layout(tiny_run, monkeypatch):
+    """Fused Adam keeps each step count as float32 on the parameter's device, which CUDA's fused kernel requires.
+
+    A checkpoint of plain Adam must load in that layout when FUSED_ADAM is on now. With float64 as the default
+    dtype, plain Adam keeps its step counts in float64, so the layout shows on a CPU as well.
+    """
+    def build():
+        gan = tiny_run.build_cyclegan(4, 4, 11, tiny_run.LEARNING_RATE, tiny_run.BETA1, "cpu", False, 0)
+        streams = (tiny_run.BatchStream(tiny_run.mnist.train_images, tiny_run.mnist.train_labels, 8, 1, "cpu"),
+                   tiny_run.BatchStream(tiny_run.target.train_images, tiny_run.target.train_labels, 8, 2, "cpu"))
+        return gan, streams
+
+    monkeypatch.setattr(tiny_run, "FUSED_ADAM", False)
+    gan, streams = build()
+    saved_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        tiny_run.train_iteration(gan, next(streams[0]), next(streams[1]))
+    finally:
+        torch.set_default_dtype(saved_dtype)
+    path = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_plain_adam.pt"
+    tiny_run.save_run(path, gan, 1, tiny_run.TrainingRecord(), streams, False)
+    monkeypatch.setattr(tiny_run, "FUSED_ADAM", True)
+    resumed, resumed_streams = build()
+    step, _, _ = tiny_run.load_run(path, resumed, resumed_streams)
+    assert step == 1
+    for optimizer in (resumed.d_optimizer, resumed.g_optimizer):
+        assert all(group["fused"] is True for group in optimizer.param_groups)
+        assert optimizer.state, "the moment estimates were not loaded"
+        for parameter, state in optimizer.state.items():
+            assert state["step"].dtype == torch.float32
+            assert state["step"].device == parameter.device
+    tiny_run.train_iteration(resumed, next(resumed_streams[0]), next(resumed_streams[1]))
+
+
 def test_force_retrain_ignores_checkpoint(tiny_run, monkeypatch):
     tiny_run.train_cyclegan("run", 11, 2)
     monkeypatch.setattr(tiny_run, "FORCE_RETRAIN", True)
