@@ -809,6 +809,7 @@ def load_with_setting(monkeypatch, repo_root, tmp_path, name, value):
     ("AVX512", "no", False),
 ])
 def test_onednn_matmul_auto_follows_cpu(repo_root, tmp_path, monkeypatch, capability, env_value, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     module = load_with_setting(monkeypatch, repo_root, tmp_path, "ONEDNN_MATMUL", env_value)
     assert module.ONEDNN_MATMUL is expected
@@ -831,6 +832,15 @@ def test_mixed_precision_auto_follows_cpu(repo_root, tmp_path, monkeypatch, bflo
     assert module.MIXED_PRECISION is expected
     assert module.SETTINGS["MIXED_PRECISION"] is expected
     assert module.describe_hardware()["cpu_bfloat16"] is (bfloat16 or amx)
+
+
+def test_onednn_matmul_auto_off_on_gpu(part1, monkeypatch):
+    """oneDNN never runs CUDA tensors, so "auto" records it as off in a GPU run whatever the CPU has."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert part1.onednn_matmul_helps()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not part1.onednn_matmul_helps()
 
 
 def test_mixed_precision_auto_off_on_gpu(part1, monkeypatch):
