@@ -294,6 +294,39 @@ def test_home_in_folder_options_expanded(tmp_path, monkeypatch):
     assert (tmp_path / "home" / "report" / "executed").is_dir()
 
 
+def test_home_in_checkpoint_dir_expanded(tmp_path, monkeypatch):
+    """The runner checks the folder that the notebooks write to, not a folder named "~" in the repository."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path / "home"))
+    name = f".test-home-checkpoints-{uuid.uuid4().hex}"
+    try:
+        runs = record_runs(monkeypatch)
+        status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                     "--set", f"CHECKPOINT_DIR=~/{name}", "part1_lstm.ipynb"])
+        assert status == 0
+        assert runs[0][2]["CHECKPOINT_DIR"] == f"~/{name}", "the notebook expands it itself"
+        assert (tmp_path / "home" / name).is_dir(), "the writable check ran there"
+        assert not (run_notebooks.REPO_ROOT / "~" / name).exists()
+    finally:
+        shutil.rmtree(run_notebooks.REPO_ROOT / "~" / name, ignore_errors=True)
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--report-dir", "CHECKPOINT_DIR"])
+def test_unknown_home_folder_rejected(tmp_path, capsys, option):
+    user = f"~no-such-user-{uuid.uuid4().hex[:12]}"
+    folders = {"--data-dir": str(tmp_path / "data"), "--report-dir": str(tmp_path / "report"),
+               "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
+    folders[option] = f"{user}/folder"
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--data-dir", folders["--data-dir"],
+                            "--report-dir", folders["--report-dir"],
+                            "--set", f"CHECKPOINT_DIR={folders['CHECKPOINT_DIR']}", "part1_lstm.ipynb"])
+    message = capsys.readouterr().err
+    assert f"{option}: '{user}/folder' starts with {user}, but no home folder is known for it" in message
+    assert "Traceback" not in message
+    assert not (run_notebooks.REPO_ROOT / user).exists(), "no folder named after the user is created"
+
+
 def test_executed_copy_names_target_domain(repo_root, monkeypatch):
     monkeypatch.delenv("TARGET_DOMAIN", raising=False)
     part1, part2 = repo_root / "part1_lstm.ipynb", repo_root / "part2_cyclegan.ipynb"

@@ -342,8 +342,15 @@ def repo_path(value: str) -> Path:
     """Return `value` as an absolute path, with "~" expanded and a relative path taken from REPO_ROOT.
 
     The kernels start in REPO_ROOT, so this is where the notebooks take a relative path from as well.
+    Raises ValueError when a leading "~" or "~user" has no home folder to expand to.
     """
-    return (REPO_ROOT / Path(value).expanduser()).resolve()
+    try:
+        expanded = Path(value).expanduser()
+    except RuntimeError as error:              # pathlib: "Could not determine home directory."
+        home = value.replace(os.sep, "/").split("/")[0]
+        raise ValueError(f"{value!r} starts with {home}, but no home folder is known for it. Write the folder "
+                         f"as a full path instead") from error
+    return (REPO_ROOT / expanded).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,8 +375,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"unset it or pass e.g. --profile cpu")
     args.profile = profile
 
-    report_dir = repo_path(args.report_dir)
-    env = {"PROFILE": args.profile, "DATA_DIR": str(repo_path(args.data_dir)), "REPORT_DIR": str(report_dir)}
+    def folder_option(value, option):
+        try:
+            return repo_path(value)
+        except ValueError as error:
+            parser.error(f"{option}: {error}")
+
+    report_dir = folder_option(args.report_dir, "--report-dir")
+    env = {"PROFILE": args.profile, "DATA_DIR": str(folder_option(args.data_dir, "--data-dir")),
+           "REPORT_DIR": str(report_dir)}
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep or not name:
@@ -408,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
               f"which this run does not include", file=sys.stderr)
         env.pop(name, None)
 
-    # The kernels start in the repository root, so a relative CHECKPOINT_DIR is taken from there.
-    checkpoint_dir = REPO_ROOT / env.get("CHECKPOINT_DIR", os.environ.get("CHECKPOINT_DIR", "checkpoints"))
+    # The notebooks expand a leading "~" and take a relative CHECKPOINT_DIR from the repository root, where
+    # the kernels start, so the check below must look at the same folder.
+    checkpoint_dir = folder_option(env.get("CHECKPOINT_DIR", os.environ.get("CHECKPOINT_DIR", "checkpoints")),
+                                   "CHECKPOINT_DIR")
     checks = [(report_dir / sub, "--report-dir", "--report-dir /tmp/report")
               for sub in ("results", "figures", "executed")]
     checks.append((checkpoint_dir, "CHECKPOINT_DIR", "--set CHECKPOINT_DIR=/tmp/checkpoints"))
