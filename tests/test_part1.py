@@ -884,6 +884,13 @@ def test_home_folder_in_settings_expanded(repo_root, tmp_path, monkeypatch):
     assert module.CHECKPOINT_PATH == tmp_path / "checkpoints" / "part1_smoke"
 
 
+@pytest.mark.parametrize("name", ["DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR"])
+def test_unknown_home_folder_setting_raises(repo_root, tmp_path, monkeypatch, name):
+    with pytest.raises(ValueError, match=f"{name}='~no-such-user-of-this-test/folder' is invalid: it must be a "
+                                         f"folder path whose leading ~ or ~user has a home folder"):
+        load_with_setting(monkeypatch, repo_root, tmp_path, name, "~no-such-user-of-this-test/folder")
+
+
 def test_single_window_split_advice(part1, monkeypatch):
     """A split of one window gets the advice for a batch that cannot shrink, whatever EVAL_BATCH_SIZE is."""
     model = part1.MyLSTM(17, 4, 6, 0.0)

@@ -163,6 +163,15 @@ def test_invalid_folder_cell_value_raises(nb, name, value):
         nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
 
 
+@pytest.mark.parametrize("name", ["DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR"])
+def test_unknown_home_folder_setting_raises(nb, name):
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    defaults[name] = "~no-such-user-of-this-test/folder"
+    with pytest.raises(ValueError, match=f"{name}='~no-such-user-of-this-test/folder' is invalid: it must be a "
+                                         f"folder path whose leading ~ or ~user has a home folder"):
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
+
+
 def test_none_outside_profiles_names_fix(nb):
     defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
     defaults["EVAL_BATCH_SIZE"] = None
