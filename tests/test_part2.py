@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import errno
 import gzip
 import json
 import math
@@ -533,6 +534,45 @@ def test_unwritable_mnist_folder_names_fix(nb, tmp_path):
         nb.load_mnist(tmp_path, download=False)
     assert f"cannot unpack {raw / 'train-images-idx3-ubyte.gz'} because {raw} cannot be written" in str(error.value)
     assert "set DATA_DIR to a folder that can be written" in str(error.value)
+
+
+@pytest.mark.parametrize("replace", [
+    lambda path: path.mkdir(),
+    lambda path: path.symlink_to(path.parent / "no-such-file"),
+], ids=["folder", "broken-link"])
+@pytest.mark.parametrize("name", ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"])
+def test_mnist_name_not_file_is_named(nb, tmp_path, replace, name):
+    """A folder or a broken link where a file or archive belongs is named, not only reported as missing."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(raw)
+    (raw / "t10k-images-idx3-ubyte.gz").unlink()
+    replace(raw / name)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    message = str(error.value)
+    assert message.startswith(f"MNIST files t10k-images-idx3-ubyte are missing in {raw}")
+    assert message.endswith(f"These names in that folder are neither files nor links to files: {name}. Replace "
+                            f"them with the files.")
+
+
+def test_full_disk_while_unpacking_names_archive(nb, tmp_path, monkeypatch):
+    def disk_full(source, target):
+        target.write(source.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(raw)
+    monkeypatch.setattr(nb.shutil, "copyfileobj", disk_full)
+    with pytest.raises(OSError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    message = str(error.value)
+    archive = raw / "train-images-idx3-ubyte.gz"
+    assert message.startswith(f"unpacking {archive} to {raw / 'train-images-idx3-ubyte'} failed (OSError: No space")
+    assert f"Free disk space in {raw}" in message
+    assert "set DATA_DIR to a folder with room for them" in message
+    assert not (raw / "train-images-idx3-ubyte.partial").exists()
 
 
 def test_home_folder_in_settings_expanded(repo_root, tmp_path, monkeypatch):
