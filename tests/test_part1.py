@@ -734,6 +734,12 @@ def test_read_words_appends_eos(part1, tmp_path):
     assert part1.read_words(path) == ["a", "b", "<eos>", "c", "<eos>"]
 
 
+def test_read_words_skips_byte_order_mark(part1, tmp_path):
+    path = tmp_path / "ptb.train.txt"
+    path.write_bytes(b"\xef\xbb\xbf a b \n c \n")
+    assert part1.read_words(path) == ["a", "b", "<eos>", "c", "<eos>"]
+
+
 @pytest.mark.parametrize("content", [b"", b"\x9c\x80 binary \xff\n"])
 def test_read_words_rejects_empty_or_binary_file(part1, tmp_path, content):
     path = tmp_path / "ptb.valid.txt"
