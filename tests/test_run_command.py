@@ -327,6 +327,23 @@ def test_unknown_home_folder_rejected(tmp_path, capsys, option):
     assert not (run_notebooks.REPO_ROOT / user).exists(), "no folder named after the user is created"
 
 
+@pytest.mark.parametrize("option, example", [("--data-dir", "--data-dir data"),
+                                             ("--report-dir", "--report-dir report"),
+                                             ("CHECKPOINT_DIR", "--set CHECKPOINT_DIR=checkpoints")])
+def test_empty_folder_option_rejected(tmp_path, capsys, option, example):
+    """An empty folder, such as an unset shell variable gives, would otherwise mean the repository root."""
+    folders = {"--data-dir": str(tmp_path / "data"), "--report-dir": str(tmp_path / "report"),
+               "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
+    folders[option] = " "
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--data-dir", folders["--data-dir"],
+                            "--report-dir", folders["--report-dir"],
+                            "--set", f"CHECKPOINT_DIR={folders['CHECKPOINT_DIR']}", "part1_lstm.ipynb"])
+    message = capsys.readouterr().err
+    assert f"{option} is empty; give a folder, e.g. {example}" in message
+    assert "Traceback" not in message
+
+
 def test_executed_copy_names_target_domain(repo_root, monkeypatch):
     monkeypatch.delenv("TARGET_DOMAIN", raising=False)
     part1, part2 = repo_root / "part1_lstm.ipynb", repo_root / "part2_cyclegan.ipynb"

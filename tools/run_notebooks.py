@@ -375,14 +375,16 @@ def main(argv: list[str] | None = None) -> int:
                      f"unset it or pass e.g. --profile cpu")
     args.profile = profile
 
-    def folder_option(value, option):
+    def folder_option(value, option, example):
+        if not value.strip():     # e.g. an unset shell variable, which would otherwise mean the repository root
+            parser.error(f"{option} is empty; give a folder, e.g. {example}")
         try:
             return repo_path(value)
         except ValueError as error:
             parser.error(f"{option}: {error}")
 
-    report_dir = folder_option(args.report_dir, "--report-dir")
-    env = {"PROFILE": args.profile, "DATA_DIR": str(folder_option(args.data_dir, "--data-dir")),
+    report_dir = folder_option(args.report_dir, "--report-dir", "--report-dir report")
+    env = {"PROFILE": args.profile, "DATA_DIR": str(folder_option(args.data_dir, "--data-dir", "--data-dir data")),
            "REPORT_DIR": str(report_dir)}
     for item in args.set:
         name, sep, value = item.partition("=")
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     # The notebooks expand a leading "~" and take a relative CHECKPOINT_DIR from the repository root, where
     # the kernels start, so the check below must look at the same folder.
     checkpoint_dir = folder_option(env.get("CHECKPOINT_DIR", os.environ.get("CHECKPOINT_DIR", "checkpoints")),
-                                   "CHECKPOINT_DIR")
+                                   "CHECKPOINT_DIR", "--set CHECKPOINT_DIR=checkpoints")
     checks = [(report_dir / sub, "--report-dir", "--report-dir /tmp/report")
               for sub in ("results", "figures", "executed")]
     checks.append((checkpoint_dir, "CHECKPOINT_DIR", "--set CHECKPOINT_DIR=/tmp/checkpoints"))
