@@ -771,6 +771,22 @@ def test_missing_files_offline_error_names_files(part1, tmp_path):
         assert name in message
 
 
+@pytest.mark.parametrize("kind", ["folder", "broken link"])
+def test_ptb_name_not_a_file(part1, tmp_path, kind):
+    """A folder or a broken link with a file's name is named as such, not reported missing or downloaded over."""
+    folder = tmp_path / "ptb"
+    write_tiny_corpus(folder)
+    path = folder / "ptb.valid.txt"
+    path.unlink()
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(folder, download=True)
+    assert str(error.value).startswith(f"{path}: not a file (a folder or a broken link). Replace it with the")
+
+
 def test_real_ptb_token_counts(part1, real_data):
     paths, checksums_match = part1.ensure_ptb(real_data / "ptb", download=False)
     assert all(checksums_match.values())

@@ -450,6 +450,18 @@ def test_svhn_label_10_becomes_digit_0(nb, tmp_path):
     assert torch.equal(loaded, torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
+def test_svhn_labels_from_zero_rejected(nb, tmp_path):
+    """Labels already mapped to 0-9 are not SVHN's format, in which 10 stands for the digit 0."""
+    path = tmp_path / "test_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 3), dtype=np.uint8),
+                            "y": np.array([[0], [1], [2]], dtype=np.uint8)})
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: SVHN labels must be 1-10, with 10 for the digit 0, found [0, 1, 2]")
+    assert message.endswith("replace it with the original")
+
+
 def test_svhn_missing_offline_names_files_and_fallback(nb, tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
