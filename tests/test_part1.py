@@ -865,6 +865,15 @@ def test_onednn_matmul_auto_off_on_gpu(part1, monkeypatch):
     assert not part1.onednn_matmul_helps()
 
 
+def test_gpu_run_turns_off_cudnn_tf32(repo_root, tmp_path, monkeypatch):
+    """On a GPU torch.nn.LSTM (cuDNN) computes in float32 like MyLSTM, not in TF32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)    # PyTorch's default, restored afterwards
+    module = load_with_setting(monkeypatch, repo_root, tmp_path, "MIXED_PRECISION", None)
+    assert module.DEVICE.type == "cuda"
+    assert torch.backends.cudnn.allow_tf32 is False
+
+
 def test_mixed_precision_auto_off_on_gpu(part1, monkeypatch):
     """Not measured on a GPU, so "auto" keeps float32 there even where the CPU has bfloat16."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
