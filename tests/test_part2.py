@@ -730,6 +730,15 @@ def test_classifier_scoring_out_of_memory_keeps_training(tiny_run, tmp_path, mon
     assert 0 <= accuracy <= 1
 
 
+def test_mean_image_error_in_batches(nb, monkeypatch):
+    """Training images 0, 255, 255 average to 1/3 in [-1, 1] units, so a black test image is off by 4/3."""
+    monkeypatch.setattr(nb, "EVAL_BATCH_SIZE", 1)
+    train = torch.tensor([0, 255, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 32, 32).contiguous()
+    test = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
+    assert nb.mean_image_error(train, test) == pytest.approx(16 / 9)
+    assert nb.mean_image_error(train, train) == pytest.approx((2 * (1 / 3 - 1) ** 2 + (4 / 3) ** 2) / 3)
+
+
 def test_class_preservation_counts(nb):
     class ConstantClassifier(torch.nn.Module):
         def forward(self, x):
