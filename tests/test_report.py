@@ -59,12 +59,16 @@ def load_results(repo_root, name):
 
 
 def test_ablation_cycle_error_comparison_holds(repo_root):
-    """The report calls the two-class run's cycle error larger on MNIST and smaller on the stand-in."""
+    """The report calls the two-class run's MNIST cycle error barely below the mean image's, and larger than the
+    11-class run's."""
     fix = "update the sentence after the confusion matrices in report/REPORT.template.md"
     metrics = load_results(repo_root, "part2_cpu_synthetic")["metrics"]
     two_class, eleven_class = metrics["cyclegan_2class"], metrics["cyclegan_11class"]
-    assert two_class["cycle_error_mnist"] > eleven_class["cycle_error_mnist"], fix
-    assert two_class["cycle_error_target"] < eleven_class["cycle_error_target"], fix
+    mean_image = metrics["cycle_error_of_mean_image"]
+    assert 0.9 * mean_image["mnist"] < two_class["cycle_error_mnist"] < mean_image["mnist"], fix
+    assert eleven_class["cycle_error_mnist"] < two_class["cycle_error_mnist"], fix
+    for run in (two_class, eleven_class):
+        assert run["cycle_error_target"] > 0.5 * mean_image["target"], f"a stand-in cycle comes close to zero: {fix}"
 
 
 def test_report_prose_matches_hosts_of_results(repo_root):
