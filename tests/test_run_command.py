@@ -311,17 +311,23 @@ def test_home_in_checkpoint_dir_expanded(tmp_path, monkeypatch):
         shutil.rmtree(run_notebooks.REPO_ROOT / "~" / name, ignore_errors=True)
 
 
-@pytest.mark.parametrize("option", ["--data-dir", "--report-dir", "CHECKPOINT_DIR"])
-def test_unknown_home_folder_rejected(tmp_path, capsys, option):
-    user = f"~no-such-user-{uuid.uuid4().hex[:12]}"
+def rejected_folder_message(tmp_path, capsys, option, value):
+    """Run the runner with `option` (--data-dir, --report-dir or CHECKPOINT_DIR) set to `value` and the other
+    two to folders in `tmp_path`; return its error output, which it must exit with."""
     folders = {"--data-dir": str(tmp_path / "data"), "--report-dir": str(tmp_path / "report"),
                "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
-    folders[option] = f"{user}/folder"
+    folders[option] = value
     with pytest.raises(SystemExit):
         run_notebooks.main(["--profile", "smoke", "--data-dir", folders["--data-dir"],
                             "--report-dir", folders["--report-dir"],
                             "--set", f"CHECKPOINT_DIR={folders['CHECKPOINT_DIR']}", "part1_lstm.ipynb"])
-    message = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--report-dir", "CHECKPOINT_DIR"])
+def test_unknown_home_folder_rejected(tmp_path, capsys, option):
+    user = f"~no-such-user-{uuid.uuid4().hex[:12]}"
+    message = rejected_folder_message(tmp_path, capsys, option, f"{user}/folder")
     assert f"{option}: '{user}/folder' starts with {user}, but no home folder is known for it" in message
     assert "Traceback" not in message
     assert not (run_notebooks.REPO_ROOT / user).exists(), "no folder named after the user is created"
@@ -332,14 +338,7 @@ def test_unknown_home_folder_rejected(tmp_path, capsys, option):
                                              ("CHECKPOINT_DIR", "--set CHECKPOINT_DIR=checkpoints")])
 def test_empty_folder_option_rejected(tmp_path, capsys, option, example):
     """An empty folder, such as an unset shell variable gives, would otherwise mean the repository root."""
-    folders = {"--data-dir": str(tmp_path / "data"), "--report-dir": str(tmp_path / "report"),
-               "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
-    folders[option] = " "
-    with pytest.raises(SystemExit):
-        run_notebooks.main(["--profile", "smoke", "--data-dir", folders["--data-dir"],
-                            "--report-dir", folders["--report-dir"],
-                            "--set", f"CHECKPOINT_DIR={folders['CHECKPOINT_DIR']}", "part1_lstm.ipynb"])
-    message = capsys.readouterr().err
+    message = rejected_folder_message(tmp_path, capsys, option, " ")
     assert f"{option} is empty; give a folder, e.g. {example}" in message
     assert "Traceback" not in message
 
