@@ -462,6 +462,21 @@ def test_svhn_labels_from_zero_rejected(nb, tmp_path):
     assert message.endswith("replace it with the original")
 
 
+def test_complex_svhn_labels_rejected(nb, tmp_path):
+    path = tmp_path / "test_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), dtype=np.uint8), "y": np.array([[1 + 1j], [2 + 0j]])})
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path}: labels y must be whole numbers;")
+
+
+def test_swapped_mnist_splits_warned(nb, tmp_path, capsys):
+    write_tiny_data(tmp_path, train=6, test=12)
+    mnist = nb.load_mnist(tmp_path, download=False)
+    assert len(mnist.train_labels) == 6
+    assert "hold fewer images (6) than the test files (12)" in capsys.readouterr().out
+
+
 def test_svhn_missing_offline_names_files_and_fallback(nb, tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
