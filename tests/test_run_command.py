@@ -312,8 +312,10 @@ def test_home_in_checkpoint_dir_expanded(tmp_path, monkeypatch):
 
 
 def rejected_folder_message(tmp_path, capsys, option, value):
-    """Run the runner with `option` (--data-dir, --report-dir or CHECKPOINT_DIR) set to `value` and the other
-    two to folders in `tmp_path`; return its error output, which it must exit with."""
+    """Run the runner with `option` (--data-dir, --report-dir or CHECKPOINT_DIR) set to `value`.
+
+    The other two folders go in `tmp_path`. The runner must exit, and its error output is returned.
+    """
     folders = {"--data-dir": str(tmp_path / "data"), "--report-dir": str(tmp_path / "report"),
                "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
     folders[option] = value
