@@ -983,6 +983,57 @@ def test_resumed_training_equals_uninterrupted(part1, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+def test_full_disk_keeps_last_checkpoint(part1, tmp_path):
+    """A checkpoint write that fails midway is named and cleaned up, and a rerun resumes as if nothing happened."""
+    settings = train_settings(part1)
+    straight, straight_history = run_training(part1, tmp_path / "straight.pt", settings)
+    checkpoint = tmp_path / "full.pt"
+    run_training(part1, checkpoint, settings, stop_after=2)
+    saved = checkpoint.read_bytes()
+    checkpoint.with_suffix(".tmp").symlink_to("/dev/full")      # the next write fails with "no space left"
+    with pytest.raises(OSError) as error:
+        run_training(part1, checkpoint, settings)
+    message = str(error.value)
+    assert message.startswith(f"writing checkpoint {checkpoint} failed (")
+    assert re.search(r"\. It needs about 0\.\d MiB; [\d,]+ MiB are free in ", message)
+    assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to a folder with room." in message
+    assert message.endswith(f"{checkpoint} still holds the previous checkpoint, from which a rerun continues.")
+    assert not checkpoint.with_suffix(".tmp").is_symlink()
+    assert checkpoint.read_bytes() == saved
+    resumed, resumed_history = run_training(part1, checkpoint, settings, seed=99)
+    assert [row["valid_perplexity"] for row in resumed_history] == [row["valid_perplexity"] for row in straight_history]
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+FILE_SIZE_LIMIT_SCRIPT = """
+import pathlib, resource, sys, torch
+from tools.nbdefs import load_definitions
+part1 = load_definitions("part1_lstm.ipynb", env={"PROFILE": "smoke", "DATA_DIR": sys.argv[1],
+                                                  "REPORT_DIR": sys.argv[1], "CHECKPOINT_DIR": sys.argv[1]})
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**21, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    part1.save_checkpoint(pathlib.Path(sys.argv[1]) / "big.pt", {"weights": torch.zeros(2**20)})
+except OSError as error:
+    print(error)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file-size limits as on Linux")
+def test_file_size_limit_is_named(repo_root, tmp_path):
+    """Beyond `ulimit -f` the advice is to raise the limit, not to free disk space (a real limit, no mock)."""
+    completed = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(tmp_path)], cwd=repo_root,
+                               capture_output=True, text=True, check=True)
+    message = completed.stdout.strip()
+    assert message.startswith(f"writing checkpoint {tmp_path / 'big.pt'} failed (")
+    assert "It needs about 4.0 MiB; " in message
+    assert f"free in {tmp_path}, but this process may write no file larger than 2.0 MiB (ulimit -f)." in message
+    assert message.endswith("Raise that limit, or set CHECKPOINT_DIR to a folder with room. No earlier checkpoint "
+                            "exists, so a rerun starts over.")
+    assert sorted(path.name for path in tmp_path.iterdir() if path.suffix in (".pt", ".tmp")) == []
+
+
 def test_same_seed_gives_identical_training(part1, tmp_path):
     settings = train_settings(part1)
     _, first = run_training(part1, tmp_path / "a.pt", settings)

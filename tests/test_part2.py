@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ast
-import errno
 import gzip
 import json
 import math
 import re
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -583,23 +584,65 @@ def test_mnist_name_not_file_is_named(nb, tmp_path, replace, name):
                             f"them with the files.")
 
 
-def test_full_disk_while_unpacking_names_archive(nb, tmp_path, monkeypatch):
-    def disk_full(source, target):
-        target.write(source.read(100))
-        raise OSError(errno.ENOSPC, "No space left on device")
-
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write fails")
+def test_full_disk_while_unpacking_names_archive(nb, tmp_path):
     write_tiny_data(tmp_path, train=12, test=6)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     gzip_mnist_files(raw)
-    monkeypatch.setattr(nb.shutil, "copyfileobj", disk_full)
+    (raw / "train-images-idx3-ubyte.partial").symlink_to("/dev/full")   # writing there: "no space left"
     with pytest.raises(OSError) as error:
         nb.load_mnist(tmp_path, download=False)
     message = str(error.value)
     archive = raw / "train-images-idx3-ubyte.gz"
     assert message.startswith(f"unpacking {archive} to {raw / 'train-images-idx3-ubyte'} failed (OSError: No space")
-    assert f"Free disk space in {raw}" in message
-    assert "set DATA_DIR to a folder with room for them" in message
-    assert not (raw / "train-images-idx3-ubyte.partial").exists()
+    assert re.search(r"The four MNIST files take 55 MB unpacked; [\d,]+ MiB are free in ", message)
+    assert message.endswith(f"free in {raw}. Free disk space there, or set DATA_DIR to a folder with room for them")
+    assert not (raw / "train-images-idx3-ubyte.partial").is_symlink()
+
+
+UNPACK_LIMIT_SCRIPT = """
+import resource, sys
+from tools.nbdefs import load_definitions
+nb = load_definitions("part2_cyclegan.ipynb", env={"PROFILE": "smoke", "DATA_DIR": sys.argv[1],
+                                                   "REPORT_DIR": sys.argv[1], "CHECKPOINT_DIR": sys.argv[1]})
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    nb.load_mnist(sys.argv[1], download=False)
+except OSError as error:
+    print(error)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file-size limits as on Linux")
+def test_file_size_limit_while_unpacking_named(repo_root, tmp_path):
+    """A real `ulimit -f` below the size of an MNIST file: the advice is to raise it."""
+    write_tiny_data(tmp_path, train=12, test=6)                 # 12 images: 9,424 bytes unpacked
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(raw)
+    completed = subprocess.run([sys.executable, "-c", UNPACK_LIMIT_SCRIPT, str(tmp_path)], cwd=repo_root,
+                               capture_output=True, text=True, check=True)
+    message = completed.stdout.strip()
+    assert message.startswith(f"unpacking {raw / 'train-images-idx3-ubyte.gz'} to ")
+    assert "failed (OSError: File too large)." in message
+    assert message.endswith(f"free in {raw}, but this process may write no file larger than 4,096 bytes "
+                            f"(ulimit -f). Raise that limit, or set DATA_DIR to a folder with room for them")
+    assert not list(raw.glob("*.partial"))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write fails")
+def test_full_disk_keeps_previous_checkpoint(nb, tmp_path):
+    path = tmp_path / "gan.pt"
+    nb.save_checkpoint(path, {"step": torch.tensor(3)})
+    path.with_suffix(".tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError) as error:
+        nb.save_checkpoint(path, {"step": torch.tensor(4), "weights": torch.zeros(2**18)})
+    message = str(error.value)
+    assert message.startswith(f"writing checkpoint {path} failed (")
+    assert "It needs about 1.0 MiB; " in message
+    assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to a folder with room." in message
+    assert message.endswith(f"{path} still holds the previous checkpoint, from which a rerun continues.")
+    assert not path.with_suffix(".tmp").is_symlink()
+    assert torch.load(path, weights_only=True)["step"] == 3
 
 
 def test_home_folder_in_settings_expanded(repo_root, tmp_path, monkeypatch):
