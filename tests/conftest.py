@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,34 @@ def run_notebook(tmp_path):
         return report_dir
 
     return run
+
+
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture
+def serve_folder(monkeypatch):
+    """Serve a folder over HTTP on 127.0.0.1, as a stand-in for a data set's server; return its base URL.
+
+    The server is this test's own, on a free port, and stops when the test ends.
+    """
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(QuietFileHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 CPUINFO_TWO_PROCESSORS = """processor\t: 0

@@ -771,6 +771,41 @@ def test_missing_files_offline_error_names_files(part1, tmp_path):
         assert name in message
 
 
+def test_ptb_download_verified_and_kept(part1, real_data, tmp_path, monkeypatch, serve_folder):
+    """The download path end to end, from a local HTTP server that holds the real files."""
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb") + "/{name}")
+    paths, checksums_match = part1.ensure_ptb(tmp_path / "ptb", download=True)
+    assert checksums_match == {name: True for name in part1.PTB_SHA256}
+    for split, path in paths.items():
+        assert path == tmp_path / "ptb" / f"ptb.{split}.txt"
+        assert path.read_bytes() == (real_data / "ptb" / path.name).read_bytes()
+    assert not list((tmp_path / "ptb").glob("*.part"))
+
+
+def test_ptb_download_wrong_checksum_deleted(part1, tmp_path, monkeypatch, serve_folder):
+    write_tiny_corpus(tmp_path / "server")
+    url = serve_folder(tmp_path / "server") + "/{name}"
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    with pytest.raises(ValueError) as error:
+        part1.ensure_ptb(tmp_path / "ptb", download=True)
+    name = next(iter(part1.PTB_SHA256))
+    assert str(error.value).startswith(f"{url.format(name=name)} does not match its SHA-256 "
+                                       f"{part1.PTB_SHA256[name]}; the download was deleted.")
+    assert list((tmp_path / "ptb").iterdir()) == []
+
+
+def test_ptb_download_failure_names_url(part1, tmp_path, monkeypatch, serve_folder):
+    url = serve_folder(tmp_path) + "/nowhere/{name}"                  # the server answers 404
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "ptb", download=True)
+    message = str(error.value)
+    assert message.startswith(f"could not download {url.format(name='ptb.train.txt')} (HTTP Error 404: ")
+    files = "ptb.train.txt, ptb.valid.txt, ptb.test.txt"
+    assert f"Without internet access, copy {files} into {tmp_path / 'ptb'}" in message
+    assert list((tmp_path / "ptb").iterdir()) == []
+
+
 @pytest.mark.parametrize("kind", ["folder", "broken link"])
 def test_ptb_name_not_a_file(part1, tmp_path, kind):
     """A folder or a broken link with a file's name is named as such, not reported missing or downloaded over."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import gzip
+import hashlib
 import json
 import math
 import re
@@ -652,6 +653,54 @@ def test_home_folder_in_settings_expanded(repo_root, tmp_path, monkeypatch):
     assert nb.RESULTS_PATH == tmp_path / "report" / "results" / "part2_smoke_synthetic.json"
     write_tiny_data(tmp_path / "data", train=12, test=6)
     assert len(nb.load_mnist("~/data").train_labels) == 12
+
+
+def serve_svhn_files(nb, server, monkeypatch, serve_folder, corrupt_md5=False):
+    """Point SVHN's sources at a local HTTP server of tiny .mat files in `server`, with their MD5 sums."""
+    write_tiny_data(server, train=12, test=6)
+    base_url = serve_folder(server / "svhn")
+    sources = {}
+    for split, (_, filename, _) in nb.SVHN_SOURCES.items():
+        md5 = hashlib.md5((server / "svhn" / filename).read_bytes()).hexdigest()
+        sources[split] = (f"{base_url}/{filename}", filename, "0" * 32 if corrupt_md5 else md5)
+    monkeypatch.setattr(nb, "SVHN_SOURCES", sources)
+    return sources
+
+
+def test_svhn_download_checked_and_loaded(nb, tmp_path, monkeypatch, serve_folder):
+    """torchvision's real download and MD5 check, from a local HTTP server in place of SVHN's."""
+    serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
+    expected = nb.load_svhn(tmp_path / "server", download=False)
+    svhn = nb.load_svhn(tmp_path / "data", download=True)
+    assert sorted(path.name for path in (tmp_path / "data" / "svhn").iterdir()) == ["test_32x32.mat",
+                                                                                   "train_32x32.mat"]
+    assert torch.equal(svhn.train_images, expected.train_images)
+    assert torch.equal(svhn.test_labels, expected.test_labels)
+
+
+def test_svhn_download_wrong_md5_removed(nb, tmp_path, monkeypatch, serve_folder):
+    sources = serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder, corrupt_md5=True)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_svhn(tmp_path / "data", download=True)
+    message = str(error.value)
+    assert message.startswith(f"SVHN file {tmp_path / 'data' / 'svhn' / 'train_32x32.mat'} is missing and the "
+                              f"download from {sources['train'][0]} failed (")
+    assert "TARGET_DOMAIN='synthetic'" in message
+    assert not (tmp_path / "data" / "svhn").exists()
+
+
+def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
+    """torchvision's real MNIST download, MD5 check and unpacking, from a local HTTP mirror of tiny archives."""
+    write_tiny_data(tmp_path / "server", train=12, test=6)
+    served = tmp_path / "server" / "mnist" / "MNIST" / "raw"
+    expected = nb.load_mnist(tmp_path / "server", download=False)
+    gzip_mnist_files(served)
+    resources = [(path.name, hashlib.md5(path.read_bytes()).hexdigest()) for path in sorted(served.iterdir())]
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [serve_folder(served) + "/"])
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "resources", resources)
+    mnist = nb.load_mnist(tmp_path / "data", download=True)
+    assert torch.equal(mnist.train_images, expected.train_images)
+    assert torch.equal(mnist.test_labels, expected.test_labels)
 
 
 def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
