@@ -772,7 +772,7 @@ def test_missing_files_offline_error_names_files(part1, tmp_path):
 
 
 def test_ptb_download_verified_and_kept(part1, real_data, tmp_path, monkeypatch, serve_folder):
-    """The download path end to end, from a local HTTP server that holds the real files."""
+    """The download path end to end, from a local HTTP server that contains the real files."""
     monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb") + "/{name}")
     paths, checksums_match = part1.ensure_ptb(tmp_path / "ptb", download=True)
     assert checksums_match == {name: True for name in part1.PTB_SHA256}
@@ -795,7 +795,7 @@ def test_ptb_download_wrong_checksum_deleted(part1, tmp_path, monkeypatch, serve
 
 
 def test_ptb_download_failure_names_url(part1, tmp_path, monkeypatch, serve_folder):
-    url = serve_folder(tmp_path) + "/nowhere/{name}"                  # the server answers 404
+    url = serve_folder(tmp_path) + "/nowhere/{name}"                  # the server returns 404
     monkeypatch.setattr(part1, "PTB_URL", url)
     with pytest.raises(FileNotFoundError) as error:
         part1.ensure_ptb(tmp_path / "ptb", download=True)
