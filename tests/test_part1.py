@@ -787,23 +787,32 @@ def test_ptb_download_wrong_checksum_deleted(part1, tmp_path, monkeypatch, serve
     url = serve_folder(tmp_path / "server") + "/{name}"
     monkeypatch.setattr(part1, "PTB_URL", url)
     with pytest.raises(ValueError) as error:
-        part1.ensure_ptb(tmp_path / "ptb", download=True)
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
     name = next(iter(part1.PTB_SHA256))
     assert str(error.value).startswith(f"{url.format(name=name)} does not match its SHA-256 "
                                        f"{part1.PTB_SHA256[name]}; the download was deleted.")
-    assert list((tmp_path / "ptb").iterdir()) == []
+    assert not (tmp_path / "data").exists(), "the folders the download created are removed"
 
 
 def test_ptb_download_failure_names_url(part1, tmp_path, monkeypatch, serve_folder):
     url = serve_folder(tmp_path) + "/nowhere/{name}"                  # the server returns 404
     monkeypatch.setattr(part1, "PTB_URL", url)
     with pytest.raises(FileNotFoundError) as error:
-        part1.ensure_ptb(tmp_path / "ptb", download=True)
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
     message = str(error.value)
     assert message.startswith(f"could not download {url.format(name='ptb.train.txt')} (HTTP Error 404: ")
     files = "ptb.train.txt, ptb.valid.txt, ptb.test.txt"
-    assert f"Without internet access, copy {files} into {tmp_path / 'ptb'}" in message
-    assert list((tmp_path / "ptb").iterdir()) == []
+    assert f"Without internet access, copy {files} into {tmp_path / 'data' / 'ptb'}" in message
+    assert not (tmp_path / "data").exists(), "the folders the download created are removed"
+
+
+def test_failed_download_keeps_existing_folder(part1, tmp_path, monkeypatch, serve_folder):
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(tmp_path) + "/nowhere/{name}")
+    with pytest.raises(FileNotFoundError):
+        part1.ensure_ptb(tmp_path / "ptb", download=True)
+    assert sorted(path.name for path in (tmp_path / "ptb").iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("kind", ["folder", "broken link"])

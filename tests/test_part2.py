@@ -491,6 +491,7 @@ def test_svhn_missing_offline_names_files_and_fallback(nb, tmp_path, monkeypatch
     assert str(tmp_path / "svhn") in message
     assert "TARGET_DOMAIN='synthetic'" in message
     assert "--set TARGET_DOMAIN=synthetic" in message
+    assert message.endswith("with `--set TARGET_DOMAIN=synthetic` on scripts/run_notebooks.sh.")
 
 
 def test_download_off_names_missing_files(nb, tmp_path, monkeypatch):
@@ -711,8 +712,18 @@ def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
 
     monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", partial_then_offline)
     with pytest.raises(FileNotFoundError):
-        nb.load_svhn(tmp_path)
-    assert not (tmp_path / "svhn").exists(), "a failed download must not leave files in DATA_DIR"
+        nb.load_svhn(tmp_path / "data")
+    assert not (tmp_path / "data").exists(), "a failed download must not leave folders or files behind"
+
+
+def test_failed_mnist_download_leaves_nothing(nb, tmp_path, monkeypatch, serve_folder):
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [serve_folder(tmp_path) + "/nowhere/"])
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path / "data", download=True)
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    assert str(error.value).startswith(f"MNIST files {', '.join(nb.MNIST_RAW_FILES)} are missing in {raw} and "
+                                       f"the download failed (")
+    assert not (tmp_path / "data").exists(), "a failed download must not leave folders behind"
 
 
 def test_mnist_normalised_background_is_minus_one(nb, tmp_path):
