@@ -235,6 +235,13 @@ def test_unknown_setting_name_is_rejected(capsys):
     assert "TARGET_DOMAIN" in message, "the error lists the valid settings"
 
 
+def test_lowercase_setting_gets_suggestion(capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--set", "train_steps=5"])
+    assert "--set train_steps: no such setting in part1_lstm.ipynb, part2_cyclegan.ipynb; did you mean " \
+           "TRAIN_STEPS? settings are " in capsys.readouterr().err
+
+
 def record_runs(monkeypatch, outcome=None):
     """Replace execute_notebook with a stub that records (notebook, executed copy, env) and raises `outcome`."""
     runs = []
@@ -485,3 +492,34 @@ def test_notebook_names_unwritable_output_folder(repo_root, tmp_path, name):
     assert str(not_a_folder / "figures") in str(error.value)
     assert (tmp_path / "checkpoints").is_dir(), "folders that can be written are created"
     assert list((tmp_path / "checkpoints").iterdir()) == [], "the probe file is removed"
+
+
+def test_later_notebooks_value_checked_first(tmp_path, monkeypatch, capsys):
+    """A bad value for part 2 stops the run before part 1 spends its time."""
+    runs = record_runs(monkeypatch)
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                            "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "--set", "TARGET_DOMAIN=synth"])
+    assert runs == []
+    message = capsys.readouterr().err
+    assert "part2_cyclegan.ipynb: TARGET_DOMAIN='synth' is invalid; choose one of svhn, synthetic" in message
+
+
+def test_valid_settings_run_every_notebook(tmp_path, monkeypatch):
+    runs = record_runs(monkeypatch)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}",
+                                 "--set", "TARGET_DOMAIN=synthetic", "--set", "GAN_STEPS=3"])
+    assert status == 0
+    assert [name for name, _, _ in runs] == ["part1_lstm.ipynb", "part2_cyclegan.ipynb"]
+
+
+def test_failed_notebook_lists_those_not_run(tmp_path, monkeypatch, capsys):
+    runs = record_runs(monkeypatch, run_notebooks.NotebookFailed("part1_lstm.ipynb: cell 5 failed"))
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 1
+    assert len(runs) == 1
+    summary = capsys.readouterr().out.split("Summary")[-1]
+    assert "part1_lstm.ipynb: no results file written" in summary
+    assert "part2_cyclegan.ipynb: not run, because the notebook before it did not finish" in summary

@@ -12,18 +12,22 @@ failing output can be inspected and the last good run's copy is kept.
 
 Before any notebook starts, the report folder and the checkpoint folder are
 checked: a folder that cannot be written stops the run there, not after hours
-of training.
+of training. So does an invalid setting for any notebook after the first,
+which the notebook's own settings code finds (the first notebook checks its
+settings in its first cells anyway).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -277,6 +281,36 @@ def _summary_lines(report_dir: Path, started_by_notebook: dict[str, float]) -> l
     return lines
 
 
+CHECK_SETTINGS_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tools.nbdefs import load_definitions
+try:
+    load_definitions(sys.argv[2], env=json.loads(sys.argv[3]))
+except ValueError as error:
+    print(error)
+    sys.exit(3)
+"""
+SETTINGS_ERROR_EXIT = 3
+
+
+def settings_error(notebook_path: Path, env: dict[str, str]) -> str | None:
+    """Return the notebook's message for an invalid setting in `env`, or None where its settings are valid.
+
+    The notebook's definitions cells (settings, imports and functions, which train and download
+    nothing) run in a separate process with `env`, as the kernel would see it. Any failure other
+    than the settings code's ValueError is left for the run itself to report.
+    """
+    command = [sys.executable, "-c", CHECK_SETTINGS_SCRIPT, str(REPO_ROOT), str(notebook_path), json.dumps(env)]
+    try:
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return None
+    if completed.returncode != SETTINGS_ERROR_EXIT:
+        return None
+    return completed.stdout.strip()
+
+
 def setting_names(notebook_path: Path) -> set[str]:
     """Return the names assigned in a notebook's parameters cell, the settings it accepts."""
     source = next(text for tag, text in tagged_cells(notebook_path) if tag == PARAMETERS_TAG)
@@ -418,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         owners = [notebook for notebook, names in skipped.items() if name in names]
         if not owners:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
             parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
-                         f"settings are {', '.join(sorted(known))}")
+                         f"{hint}settings are {', '.join(sorted(known))}")
         print(f"note: --set {name} is ignored, because it is a setting of {', '.join(owners)}, "
               f"which this run does not include", file=sys.stderr)
         env.pop(name, None)
@@ -435,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         reason = unwritable_folder(folder)
         if reason is not None:
             parser.error(f"cannot write to {folder} ({reason}); point {option} at a writable folder, e.g. {example}")
+    for path in paths[1:]:              # checked now, so that a bad value wastes no earlier notebook's training
+        message = settings_error(path, env)
+        if message is not None:
+            parser.error(f"{path.name}: {message}")
 
     started, status = {}, 0
     for path in paths:
@@ -456,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSummary")
     for line in _summary_lines(report_dir, started):
         print("  " + line)
+    for path in paths[len(started):]:
+        print(f"  {path.name}: not run, because the notebook before it did not finish")
     return status
 
 
