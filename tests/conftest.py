@@ -7,6 +7,7 @@ import http.server
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,22 +58,34 @@ def run_notebook(tmp_path):
 
 
 class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    stall_after = None     # bytes of each file to send before going silent; None sends whole files
+
     def log_message(self, format, *args):
         pass
+
+    def copyfile(self, source, outputfile):
+        if self.stall_after is None:
+            super().copyfile(source, outputfile)
+            return
+        outputfile.write(source.read(self.stall_after))
+        outputfile.flush()
+        time.sleep(10)     # a stalled server: the client has given up or been interrupted long before
 
 
 @pytest.fixture
 def serve_folder(monkeypatch):
     """Serve a folder over HTTP on 127.0.0.1, as a stand-in for a data set's server; return its base URL.
 
-    The server is this test's own, on a free port, and stops when the test ends.
+    The server is this test's own, on a free port, and stops when the test ends. With `stall_after`,
+    it sends that many bytes of each file and then nothing more, as a stalled server does.
     """
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(name, "127.0.0.1")
     servers = []
 
-    def serve(folder: Path) -> str:
-        handler = functools.partial(QuietFileHandler, directory=str(folder))
+    def serve(folder: Path, stall_after: int | None = None) -> str:
+        handler_class = type("FileHandler", (QuietFileHandler,), {"stall_after": stall_after})
+        handler = functools.partial(handler_class, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

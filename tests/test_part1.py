@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -815,6 +816,26 @@ def test_failed_download_keeps_existing_folder(part1, tmp_path, monkeypatch, ser
     assert sorted(path.name for path in (tmp_path / "ptb").iterdir()) == ["notes.txt"]
 
 
+def test_stalled_download_times_out(part1, tmp_path, monkeypatch, serve_folder):
+    write_tiny_corpus(tmp_path / "server")
+    url = serve_folder(tmp_path / "server", stall_after=100) + "/{name}"
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    monkeypatch.setattr(part1, "DOWNLOAD_TIMEOUT_S", 1)
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
+    assert str(error.value).startswith(f"could not download {url.format(name='ptb.train.txt')} (timed out).")
+    assert not (tmp_path / "data").exists()
+
+
+def test_failed_download_keeps_existing_folder_behind_dots(part1, tmp_path, monkeypatch, serve_folder):
+    """In "new/../existing" the folder "existing" was there before and must survive the cleanup."""
+    (tmp_path / "existing").mkdir()
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(tmp_path) + "/nowhere/{name}")
+    with pytest.raises(FileNotFoundError):
+        part1.ensure_ptb(tmp_path / "new" / ".." / "existing", download=True)
+    assert (tmp_path / "existing").is_dir()
+
+
 @pytest.mark.parametrize("kind", ["folder", "broken link"])
 def test_ptb_name_not_a_file(part1, tmp_path, kind):
     """A folder or a broken link with a file's name is named as such, not reported missing or downloaded over."""
@@ -1027,28 +1048,60 @@ def test_resumed_training_equals_uninterrupted(part1, tmp_path):
         assert torch.equal(a, b), name
 
 
+def save_onto_full_disk(real_save):
+    """Return a torch.save that starts the file it is given, then meets a real "no space left" on /dev/full."""
+    def save(state, target):
+        Path(target).write_bytes(b"the start of a checkpoint")
+        real_save(state, "/dev/full")
+
+    return save
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
-def test_full_disk_keeps_last_checkpoint(part1, tmp_path):
+def test_full_disk_keeps_last_checkpoint(part1, tmp_path, monkeypatch):
     """A checkpoint write that fails midway is named and cleaned up, and a rerun resumes as if nothing happened."""
     settings = train_settings(part1)
     straight, straight_history = run_training(part1, tmp_path / "straight.pt", settings)
     checkpoint = tmp_path / "full.pt"
     run_training(part1, checkpoint, settings, stop_after=2)
     saved = checkpoint.read_bytes()
-    checkpoint.with_suffix(".tmp").symlink_to("/dev/full")      # the next write fails with "no space left"
-    with pytest.raises(OSError) as error:
-        run_training(part1, checkpoint, settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(part1.torch, "save", save_onto_full_disk(torch.save))
+        with pytest.raises(OSError) as error:
+            run_training(part1, checkpoint, settings)
     message = str(error.value)
     assert message.startswith(f"writing checkpoint {checkpoint} failed (")
-    assert re.search(r"\. It needs about 0\.\d MiB; [\d,]+ MiB are free in ", message)
+    assert re.search(r"\. It needs about [\d,]+ bytes; [\d,.]+ MiB are free in ", message)
     assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to a folder with room." in message
     assert message.endswith(f"{checkpoint} still holds the previous checkpoint, from which a rerun continues.")
-    assert not checkpoint.with_suffix(".tmp").is_symlink()
+    assert not checkpoint.with_suffix(".tmp").exists()
     assert checkpoint.read_bytes() == saved
     resumed, resumed_history = run_training(part1, checkpoint, settings, seed=99)
     assert [row["valid_perplexity"] for row in resumed_history] == [row["valid_perplexity"] for row in straight_history]
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_stale_temporary_link_not_followed(part1, tmp_path):
+    """A link left at the temporary name is replaced, so the file it points to is never overwritten."""
+    (tmp_path / "notes.txt").write_text("mine")
+    path = tmp_path / "m.pt"
+    path.with_suffix(".tmp").symlink_to(tmp_path / "notes.txt")
+    part1.save_checkpoint(path, {"step": torch.tensor(5)})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not path.is_symlink()
+    assert torch.load(path, weights_only=True)["step"] == 5
+
+
+def test_temporary_name_taken_by_folder(part1, tmp_path):
+    path = tmp_path / "m.pt"
+    part1.save_checkpoint(path, {"step": torch.tensor(1)})
+    path.with_suffix(".tmp").mkdir()
+    with pytest.raises(IsADirectoryError) as error:
+        part1.save_checkpoint(path, {"step": torch.tensor(2)})
+    assert str(error.value) == (f"{path.with_suffix('.tmp')}, where checkpoint m.pt is first written, is a folder; "
+                                f"move it away and run again. {path} is unchanged.")
+    assert torch.load(path, weights_only=True)["step"] == 1
 
 
 FILE_SIZE_LIMIT_SCRIPT = """

@@ -7,9 +7,12 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from test_part1 import ALLOCATION_MESSAGES, MakeFolderOnLoad, allocation_failure
+from test_part1 import ALLOCATION_MESSAGES, MakeFolderOnLoad, allocation_failure, save_onto_full_disk
 
 from tools.nbdefs import load_definitions, tagged_cells
 
@@ -588,19 +591,38 @@ def test_mnist_name_not_file_is_named(nb, tmp_path, replace, name):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write fails")
-def test_full_disk_while_unpacking_names_archive(nb, tmp_path):
+def test_full_disk_while_unpacking_names_archive(nb, tmp_path, monkeypatch):
+    real_copy = nb.shutil.copyfileobj
+
+    def copy_onto_full_disk(source, target):
+        target.write(source.read(100))           # the start lands in the partial file
+        with open("/dev/full", "wb") as full:    # the rest meets a real "no space left"
+            real_copy(source, full)
+
     write_tiny_data(tmp_path, train=12, test=6)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     gzip_mnist_files(raw)
-    (raw / "train-images-idx3-ubyte.partial").symlink_to("/dev/full")   # writing there: "no space left"
+    monkeypatch.setattr(nb.shutil, "copyfileobj", copy_onto_full_disk)
     with pytest.raises(OSError) as error:
         nb.load_mnist(tmp_path, download=False)
     message = str(error.value)
     archive = raw / "train-images-idx3-ubyte.gz"
     assert message.startswith(f"unpacking {archive} to {raw / 'train-images-idx3-ubyte'} failed (OSError: No space")
-    assert re.search(r"The four MNIST files take 55 MB unpacked; [\d,]+ MiB are free in ", message)
+    assert re.search(r"The four MNIST files take 55 MB unpacked; [\d,.]+ MiB are free in ", message)
     assert message.endswith(f"free in {raw}. Free disk space there, or set DATA_DIR to a folder with room for them")
-    assert not (raw / "train-images-idx3-ubyte.partial").is_symlink()
+    assert not (raw / "train-images-idx3-ubyte.partial").exists()
+
+
+def test_stale_partial_link_not_followed(nb, tmp_path):
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    expected = nb.load_mnist(tmp_path, download=False)
+    gzip_mnist_files(raw)
+    (tmp_path / "notes.txt").write_text("mine")
+    (raw / "train-images-idx3-ubyte.partial").symlink_to(tmp_path / "notes.txt")
+    mnist = nb.load_mnist(tmp_path, download=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert torch.equal(mnist.train_images, expected.train_images)
 
 
 UNPACK_LIMIT_SCRIPT = """
@@ -633,10 +655,10 @@ def test_file_size_limit_while_unpacking_named(repo_root, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write fails")
-def test_full_disk_keeps_previous_checkpoint(nb, tmp_path):
+def test_full_disk_keeps_previous_checkpoint(nb, tmp_path, monkeypatch):
     path = tmp_path / "gan.pt"
     nb.save_checkpoint(path, {"step": torch.tensor(3)})
-    path.with_suffix(".tmp").symlink_to("/dev/full")
+    monkeypatch.setattr(nb.torch, "save", save_onto_full_disk(torch.save))
     with pytest.raises(OSError) as error:
         nb.save_checkpoint(path, {"step": torch.tensor(4), "weights": torch.zeros(2**18)})
     message = str(error.value)
@@ -644,7 +666,8 @@ def test_full_disk_keeps_previous_checkpoint(nb, tmp_path):
     assert "It needs about 1.0 MiB; " in message
     assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to a folder with room." in message
     assert message.endswith(f"{path} still holds the previous checkpoint, from which a rerun continues.")
-    assert not path.with_suffix(".tmp").is_symlink()
+    assert not path.with_suffix(".tmp").exists()
+    monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
@@ -703,6 +726,37 @@ def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
     mnist = nb.load_mnist(tmp_path / "data", download=True)
     assert torch.equal(mnist.train_images, expected.train_images)
     assert torch.equal(mnist.test_labels, expected.test_labels)
+
+
+def test_interrupted_svhn_download_leaves_nothing(nb, tmp_path, monkeypatch, serve_folder):
+    """Ctrl-C in a stalled download: no partial file under the data file's name, no created folder."""
+    write_tiny_data(tmp_path / "server", train=12, test=6)
+    base_url = serve_folder(tmp_path / "server" / "svhn", stall_after=1000)
+    monkeypatch.setattr(nb, "SVHN_SOURCES", {split: (f"{base_url}/{filename}", filename, md5)
+                                             for split, (_, filename, md5) in nb.SVHN_SOURCES.items()})
+    monkeypatch.setattr(nb, "DOWNLOAD_TIMEOUT_S", 20)      # longer than the interrupt takes to arrive
+    interrupt = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            nb.load_svhn(tmp_path / "data", download=True)
+    finally:
+        interrupt.cancel()
+    assert not (tmp_path / "data").exists()
+
+
+def test_rejected_mnist_archive_removed(nb, tmp_path, monkeypatch, serve_folder):
+    """An archive that fails its MD5 check is deleted, so that the next run cannot unpack it as data."""
+    write_tiny_data(tmp_path / "server", train=12, test=6)
+    served = tmp_path / "server" / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(served)
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [serve_folder(served) + "/"])
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "resources",
+                        [(path.name, "0" * 32) for path in sorted(served.iterdir())])
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path / "data", download=True)
+    assert "File not found or corrupted" in str(error.value)
+    assert not (tmp_path / "data").exists()
 
 
 def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
