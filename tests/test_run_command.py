@@ -242,6 +242,19 @@ def test_lowercase_setting_gets_suggestion(capsys):
            "TRAIN_STEPS? settings are " in capsys.readouterr().err
 
 
+def test_other_notebooks_setting_suggested(capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--set", "gan_steps=3", "part1_lstm.ipynb"])
+    assert "did you mean GAN_STEPS, a setting of part2_cyclegan.ipynb, which this run does not include? " \
+           in capsys.readouterr().err
+
+
+def test_option_suggested_for_its_setting(capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--set", "profile=smoke"])
+    assert "did you mean --profile? " in capsys.readouterr().err
+
+
 def record_runs(monkeypatch, outcome=None):
     """Replace execute_notebook with a stub that records (notebook, executed copy, env) and raises `outcome`."""
     runs = []
@@ -523,3 +536,37 @@ def test_failed_notebook_lists_those_not_run(tmp_path, monkeypatch, capsys):
     summary = capsys.readouterr().out.split("Summary")[-1]
     assert "part1_lstm.ipynb: no results file written" in summary
     assert "part2_cyclegan.ipynb: not run, because the notebook before it did not finish" in summary
+
+
+def test_interrupted_settings_check_runs_nothing(tmp_path, monkeypatch, capsys):
+    def interrupted(path, env):
+        raise KeyboardInterrupt
+
+    runs = record_runs(monkeypatch)
+    monkeypatch.setattr(run_notebooks, "settings_error", interrupted)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 130
+    assert runs == []
+    assert "Interrupted while checking the settings; no notebook has run." in capsys.readouterr().err
+
+
+def test_slow_settings_check_skipped_with_note(tmp_path, monkeypatch, capsys):
+    runs = record_runs(monkeypatch)
+    monkeypatch.setattr(run_notebooks, "SETTINGS_CHECK_TIMEOUT_S", 0.01)     # no notebook loads that fast
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 0
+    assert len(runs) == 2
+    assert "note: the settings of part2_cyclegan.ipynb could not be checked within 0.01 s; the notebook checks " \
+           "them itself when it starts" in capsys.readouterr().err
+
+
+def test_same_notebook_twice_counts_both(repo_root, tmp_path, monkeypatch, capsys):
+    runs = record_runs(monkeypatch)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}",
+                                 str(repo_root / "part1_lstm.ipynb"), "part1_lstm.ipynb"])
+    assert status == 0
+    assert len(runs) == 2
+    assert "not run" not in capsys.readouterr().out

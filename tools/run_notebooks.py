@@ -292,6 +292,7 @@ except ValueError as error:
     sys.exit(3)
 """
 SETTINGS_ERROR_EXIT = 3
+SETTINGS_CHECK_TIMEOUT_S = 120      # loading a notebook's definitions took about 3.5 s on a 2-core CPU
 
 
 def settings_error(notebook_path: Path, env: dict[str, str]) -> str | None:
@@ -299,16 +300,39 @@ def settings_error(notebook_path: Path, env: dict[str, str]) -> str | None:
 
     The notebook's definitions cells (settings, imports and functions, which train and download
     nothing) run in a separate process with `env`, as the kernel would see it. Any failure other
-    than the settings code's ValueError is left for the run itself to report.
+    than the settings code's ValueError is left for the run itself to report. A check that takes
+    longer than SETTINGS_CHECK_TIMEOUT_S is skipped with a note.
     """
     command = [sys.executable, "-c", CHECK_SETTINGS_SCRIPT, str(REPO_ROOT), str(notebook_path), json.dumps(env)]
     try:
-        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                                   timeout=SETTINGS_CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        print(f"note: the settings of {notebook_path.name} could not be checked within {SETTINGS_CHECK_TIMEOUT_S} s; "
+              f"the notebook checks them itself when it starts", file=sys.stderr)
         return None
     if completed.returncode != SETTINGS_ERROR_EXIT:
         return None
     return completed.stdout.strip()
+
+
+def setting_hint(name: str, known: set[str], skipped: dict[str, set[str]], options: dict[str, str]) -> str:
+    """Return "did you mean ...? " for the setting or option closest to a misspelled `name`, or "" if none is close.
+
+    `known` contains the settings of the notebooks in the run, `skipped` those of each notebook left out
+    of it, and `options` the settings that have a command-line option of their own.
+    """
+    candidates = known | set().union(*skipped.values()) | set(options)
+    close = difflib.get_close_matches(name.upper().replace("-", "_"), sorted(candidates), n=1)
+    if not close:
+        return ""
+    match = close[0]
+    if match in options:
+        return f"did you mean {options[match]}? "
+    if match in known:
+        return f"did you mean {match}? "
+    owners = ", ".join(notebook for notebook, names in skipped.items() if match in names)
+    return f"did you mean {match}, a setting of {owners}, which this run does not include? "
 
 
 def setting_names(notebook_path: Path) -> set[str]:
@@ -452,10 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         owners = [notebook for notebook, names in skipped.items() if name in names]
         if not owners:
-            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
             parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
-                         f"{hint}settings are {', '.join(sorted(known))}")
+                         f"{setting_hint(name, known, skipped, options)}settings are {', '.join(sorted(known))}")
         print(f"note: --set {name} is ignored, because it is a setting of {', '.join(owners)}, "
               f"which this run does not include", file=sys.stderr)
         env.pop(name, None)
@@ -471,14 +493,20 @@ def main(argv: list[str] | None = None) -> int:
         reason = unwritable_folder(folder)
         if reason is not None:
             parser.error(f"cannot write to {folder} ({reason}); point {option} at a writable folder, e.g. {example}")
-    for path in paths[1:]:              # checked now, so that a bad value wastes no earlier notebook's training
-        message = settings_error(path, env)
-        if message is not None:
-            parser.error(f"{path.name}: {message}")
+    try:
+        for path in paths[1:]:          # checked now, so that a bad value wastes no earlier notebook's training
+            print(f"checking the settings of {path.name}", flush=True)
+            message = settings_error(path, env)
+            if message is not None:
+                parser.error(f"{path.name}: {message}")
+    except KeyboardInterrupt:
+        print("\nInterrupted while checking the settings; no notebook has run.", file=sys.stderr)
+        return 130
 
-    started, status = {}, 0
+    started, status, begun = {}, 0, 0
     for path in paths:
         started[path.name] = time.time()
+        begun += 1
         output = report_dir / "executed" / executed_copy_name(path, resolved_profile(args.profile), env)
         try:
             execute_notebook(path, output, env=env)
@@ -496,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSummary")
     for line in _summary_lines(report_dir, started):
         print("  " + line)
-    for path in paths[len(started):]:
+    for path in paths[begun:]:
         print(f"  {path.name}: not run, because the notebook before it did not finish")
     return status
 
