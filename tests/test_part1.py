@@ -827,6 +827,16 @@ def test_stalled_download_times_out(part1, tmp_path, monkeypatch, serve_folder):
     assert not (tmp_path / "data").exists()
 
 
+def test_data_folder_link_to_nowhere_named(part1, tmp_path):
+    (tmp_path / "data").symlink_to(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
+    assert str(error.value) == (f"cannot create {tmp_path / 'data' / 'ptb'} for the download ({tmp_path / 'data'} "
+                                f"is a link to a missing folder). Point DATA_DIR at a folder that can be written, or "
+                                f"put ptb.train.txt, ptb.valid.txt, ptb.test.txt into {tmp_path / 'data' / 'ptb'}")
+    assert not (tmp_path / "moved").exists()
+
+
 def test_failed_download_keeps_existing_folder_behind_dots(part1, tmp_path, monkeypatch, serve_folder):
     """In "new/../existing" the folder "existing" was there before and must survive the cleanup."""
     (tmp_path / "existing").mkdir()
