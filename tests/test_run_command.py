@@ -570,3 +570,14 @@ def test_same_notebook_twice_counts_both(repo_root, tmp_path, monkeypatch, capsy
     assert status == 0
     assert len(runs) == 2
     assert "not run" not in capsys.readouterr().out
+
+
+def test_settings_check_sees_kernel_environment(tmp_path, monkeypatch):
+    """A variable that the kernel does not inherit (MPLBACKEND) must not fail the check either."""
+    runs = record_runs(monkeypatch)
+    monkeypatch.setenv("MPLBACKEND", "no-such-backend")
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}",
+                                 "--set", "TARGET_DOMAIN=synthetic"])
+    assert status == 0
+    assert len(runs) == 2

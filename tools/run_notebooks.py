@@ -178,6 +178,15 @@ def out_of_memory_advice(notebook_name: str) -> str:
             f"or the model's sizes with --set and add --set FORCE_RETRAIN=1, because checkpoints record the sizes.")
 
 
+def kernel_environment(env: dict[str, str] | None) -> dict[str, str]:
+    """Return the environment a notebook runs in: this process's, with `env` added."""
+    kernel_env = dict(os.environ)
+    kernel_env.update({name: str(value) for name, value in (env or {}).items()})
+    # The kernel must not inherit a non-interactive backend choice from a parent Jupyter.
+    kernel_env.pop("MPLBACKEND", None)
+    return kernel_env
+
+
 def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.PathLike,
                      env: dict[str, str] | None = None, timeout_per_cell: int = 3600,
                      log=print, echo_output: bool = True) -> nbformat.NotebookNode:
@@ -192,10 +201,7 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
     notebook_path = Path(notebook_path)
     output_path = Path(output_path)
     notebook = nbformat.read(notebook_path, as_version=4)
-    kernel_env = dict(os.environ)
-    kernel_env.update({name: str(value) for name, value in (env or {}).items()})
-    # The kernel must not inherit a non-interactive backend choice from a parent Jupyter.
-    kernel_env.pop("MPLBACKEND", None)
+    kernel_env = kernel_environment(env)
     start = time.monotonic()
 
     def echo(line):
@@ -299,14 +305,14 @@ def settings_error(notebook_path: Path, env: dict[str, str]) -> str | None:
     """Return the notebook's message for an invalid setting in `env`, or None where its settings are valid.
 
     The notebook's definitions cells (settings, imports and functions, which train and download
-    nothing) run in a separate process with `env`, as the kernel would see it. Any failure other
+    nothing) run in a separate process in the kernel's environment. Any failure other
     than the settings code's ValueError is left for the run itself to report. A check that takes
     longer than SETTINGS_CHECK_TIMEOUT_S is skipped with a note.
     """
     command = [sys.executable, "-c", CHECK_SETTINGS_SCRIPT, str(REPO_ROOT), str(notebook_path), json.dumps(env)]
     try:
-        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                                   timeout=SETTINGS_CHECK_TIMEOUT_S)
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=kernel_environment(env), capture_output=True,
+                                   text=True, timeout=SETTINGS_CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         print(f"note: the settings of {notebook_path.name} could not be checked within {SETTINGS_CHECK_TIMEOUT_S} s; "
               f"the notebook checks them itself when it starts", file=sys.stderr)
