@@ -9,7 +9,6 @@ import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -837,6 +836,26 @@ def test_data_folder_link_to_nowhere_named(part1, tmp_path):
     assert not (tmp_path / "moved").exists()
 
 
+def test_stale_part_link_not_followed(part1, real_data, tmp_path, monkeypatch, serve_folder):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.train.txt.part").symlink_to(tmp_path / "notes.txt")
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb") + "/{name}")
+    paths, _ = part1.ensure_ptb(tmp_path / "ptb", download=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert paths["train"].read_bytes() == (real_data / "ptb" / "ptb.train.txt").read_bytes()
+
+
+def test_stale_part_folder_named(part1, tmp_path, monkeypatch, serve_folder):
+    partial = tmp_path / "ptb" / "ptb.train.txt.part"
+    partial.mkdir(parents=True)
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(tmp_path) + "/nowhere/{name}")
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "ptb", download=True)
+    assert str(error.value) == (f"cannot write {partial} for the download (Is a directory). Remove it, or point "
+                                f"DATA_DIR at a folder that can be written")
+
+
 def test_failed_download_keeps_existing_folder_behind_dots(part1, tmp_path, monkeypatch, serve_folder):
     """In "new/../existing" the folder "existing" was there before and must survive the cleanup."""
     (tmp_path / "existing").mkdir()
@@ -1061,8 +1080,9 @@ def test_resumed_training_equals_uninterrupted(part1, tmp_path):
 def save_onto_full_disk(real_save):
     """Return a torch.save that starts the file it is given, then meets a real "no space left" on /dev/full."""
     def save(state, target):
-        Path(target).write_bytes(b"the start of a checkpoint")
-        real_save(state, "/dev/full")
+        target.write(b"the start of a checkpoint")
+        with open("/dev/full", "wb") as full:
+            real_save(state, full)
 
     return save
 
@@ -1080,9 +1100,9 @@ def test_full_disk_keeps_last_checkpoint(part1, tmp_path, monkeypatch):
         with pytest.raises(OSError) as error:
             run_training(part1, checkpoint, settings)
     message = str(error.value)
-    assert message.startswith(f"writing checkpoint {checkpoint} failed (")
-    assert re.search(r"\. It needs about [\d,]+ bytes; [\d,.]+ MiB are free in ", message)
-    assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to a folder with room." in message
+    assert message.startswith(f"writing checkpoint {checkpoint} failed (OSError: [Errno 28] No space left on device)")
+    assert re.search(r"\. Its tensors take [\d,]+ bytes; [\d,.]+ MiB are free in ", message)
+    assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to another folder." in message
     assert message.endswith(f"{checkpoint} still holds the previous checkpoint, from which a rerun continues.")
     assert not checkpoint.with_suffix(".tmp").exists()
     assert checkpoint.read_bytes() == saved
@@ -1103,14 +1123,26 @@ def test_stale_temporary_link_not_followed(part1, tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 5
 
 
+def test_new_file_never_opens_link(part1, tmp_path, monkeypatch):
+    """A link that appears between the removal and the open makes the open fail, instead of writing through it."""
+    (tmp_path / "notes.txt").write_text("mine")
+    path = tmp_path / "m.tmp"
+    path.symlink_to(tmp_path / "notes.txt")
+    monkeypatch.setattr(type(path), "unlink", lambda self, missing_ok=False: None)    # as if the link came back
+    with pytest.raises(FileExistsError):
+        part1.open_new_file(path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_temporary_name_taken_by_folder(part1, tmp_path):
     path = tmp_path / "m.pt"
     part1.save_checkpoint(path, {"step": torch.tensor(1)})
     path.with_suffix(".tmp").mkdir()
-    with pytest.raises(IsADirectoryError) as error:
+    with pytest.raises(OSError) as error:
         part1.save_checkpoint(path, {"step": torch.tensor(2)})
-    assert str(error.value) == (f"{path.with_suffix('.tmp')}, where checkpoint m.pt is first written, is a folder; "
-                                f"move it away and run again. {path} is unchanged.")
+    temporary = path.with_suffix(".tmp")
+    assert str(error.value) == (f"cannot write checkpoint {path} by way of {temporary} (Is a directory). Remove "
+                                f"{temporary}, or set CHECKPOINT_DIR to another folder. {path} is unchanged.")
     assert torch.load(path, weights_only=True)["step"] == 1
 
 
@@ -1119,9 +1151,9 @@ import pathlib, resource, sys, torch
 from tools.nbdefs import load_definitions
 part1 = load_definitions("part1_lstm.ipynb", env={"PROFILE": "smoke", "DATA_DIR": sys.argv[1],
                                                   "REPORT_DIR": sys.argv[1], "CHECKPOINT_DIR": sys.argv[1]})
-resource.setrlimit(resource.RLIMIT_FSIZE, (2**21, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-try:
-    part1.save_checkpoint(pathlib.Path(sys.argv[1]) / "big.pt", {"weights": torch.zeros(2**20)})
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**15, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:    # 300 small tensors: 19,200 bytes of tensors in a file of about 80 KB, above the limit of 32 KiB
+    part1.save_checkpoint(pathlib.Path(sys.argv[1]) / "big.pt", {"weights": [torch.zeros(16) for _ in range(300)]})
 except OSError as error:
     print(error)
 """
@@ -1134,9 +1166,9 @@ def test_file_size_limit_is_named(repo_root, tmp_path):
                                capture_output=True, text=True, check=True)
     message = completed.stdout.strip()
     assert message.startswith(f"writing checkpoint {tmp_path / 'big.pt'} failed (")
-    assert "It needs about 4.0 MiB; " in message
-    assert f"free in {tmp_path}, but this process may write no file larger than 2.0 MiB (ulimit -f)." in message
-    assert message.endswith("Raise that limit, or set CHECKPOINT_DIR to a folder with room. No earlier checkpoint "
+    assert "Its tensors take 19,200 bytes; " in message
+    assert f"free in {tmp_path}, but this process may write no file larger than 32,768 bytes (ulimit -f)." in message
+    assert message.endswith("Raise that limit, or set CHECKPOINT_DIR to another folder. No earlier checkpoint "
                             "exists, so a rerun starts over.")
     assert sorted(path.name for path in tmp_path.iterdir() if path.suffix in (".pt", ".tmp")) == []
 

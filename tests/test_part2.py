@@ -663,8 +663,8 @@ def test_full_disk_keeps_previous_checkpoint(nb, tmp_path, monkeypatch):
         nb.save_checkpoint(path, {"step": torch.tensor(4), "weights": torch.zeros(2**18)})
     message = str(error.value)
     assert message.startswith(f"writing checkpoint {path} failed (")
-    assert "It needs about 1.0 MiB; " in message
-    assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to a folder with room." in message
+    assert "Its tensors take 1.0 MiB; " in message
+    assert f"free in {tmp_path}. Free disk space there, or set CHECKPOINT_DIR to another folder." in message
     assert message.endswith(f"{path} still holds the previous checkpoint, from which a rerun continues.")
     assert not path.with_suffix(".tmp").exists()
     monkeypatch.undo()
@@ -757,6 +757,17 @@ def test_rejected_mnist_archive_removed(nb, tmp_path, monkeypatch, serve_folder)
         nb.load_mnist(tmp_path / "data", download=True)
     assert "File not found or corrupted" in str(error.value)
     assert not (tmp_path / "data").exists()
+
+
+def test_svhn_link_to_nowhere_not_followed(nb, tmp_path):
+    folder = tmp_path / "svhn"
+    folder.mkdir()
+    (folder / "train_32x32.mat").symlink_to(tmp_path / "elsewhere.mat")
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_svhn(tmp_path, download=True)
+    assert str(error.value) == (f"{folder / 'train_32x32.mat'} is a link to {tmp_path / 'elsewhere.mat'}, which does "
+                                f"not exist. Point the link at the SVHN file, or remove it to download the file")
+    assert not (tmp_path / "elsewhere.mat").exists()
 
 
 def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
