@@ -856,7 +856,7 @@ def test_stale_part_folder_named(part1, tmp_path, monkeypatch, serve_folder):
                                 f"DATA_DIR at a folder that can be written")
 
 
-def test_failed_download_keeps_existing_folder_behind_dots(part1, tmp_path, monkeypatch, serve_folder):
+def test_download_keeps_folder_behind_dots(part1, tmp_path, monkeypatch, serve_folder):
     """In "new/../existing" the folder "existing" was there before and must survive the cleanup."""
     (tmp_path / "existing").mkdir()
     monkeypatch.setattr(part1, "PTB_URL", serve_folder(tmp_path) + "/nowhere/{name}")
