@@ -1123,6 +1123,14 @@ def test_stale_temporary_link_not_followed(part1, tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 5
 
 
+def test_checkpoint_folder_replaced_by_file(part1, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(OSError) as error:
+        part1.save_checkpoint(tmp_path / "run" / "m.pt", {"step": torch.tensor(1)})
+    assert str(error.value) == (f"cannot create {tmp_path / 'run'} for checkpoint m.pt (File exists). Move what is in "
+                                f"the way, or set CHECKPOINT_DIR to a folder that can be written")
+
+
 def test_new_file_never_opens_link(part1, tmp_path, monkeypatch):
     """A link that appears between the removal and the open makes the open fail, instead of writing through it."""
     (tmp_path / "notes.txt").write_text("mine")
