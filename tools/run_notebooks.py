@@ -509,10 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nInterrupted while checking the settings; no notebook has run.", file=sys.stderr)
         return 130
 
-    started, status, begun = {}, 0, 0
+    started, status, started_count = {}, 0, 0
     for path in paths:
         started[path.name] = time.time()
-        begun += 1
+        started_count += 1
         output = report_dir / "executed" / executed_copy_name(path, resolved_profile(args.profile), env)
         try:
             execute_notebook(path, output, env=env)
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSummary")
     for line in _summary_lines(report_dir, started):
         print("  " + line)
-    for path in paths[begun:]:
+    for path in paths[started_count:]:
         print(f"  {path.name}: not run, because the notebook before it did not finish")
     return status
 
