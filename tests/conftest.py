@@ -17,6 +17,15 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from tools.run_notebooks import execute_notebook  # noqa: E402
 
+# No test may reach a real data server. Every download that a test does not point at its own server on
+# 127.0.0.1 goes to this proxy on the discard port (9), where no service normally listens, so it fails at once. Notebook
+# kernels and the runner's subprocesses inherit it. Tests that simulate a proxy set their own port.
+OFFLINE_PROXY = "http://127.0.0.1:9"
+for _name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+    os.environ[_name] = OFFLINE_PROXY
+for _name in ("no_proxy", "NO_PROXY"):
+    os.environ[_name] = "127.0.0.1,localhost"
+
 
 def real_data_dir() -> Path | None:
     """Return the folder with the real data sets, from REAL_DATA_DIR or ../shared/data, if it exists."""

@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import nbformat
@@ -255,8 +257,11 @@ def test_option_suggested_for_its_setting(capsys):
     assert "did you mean --profile? " in capsys.readouterr().err
 
 
-def record_runs(monkeypatch, outcome=None):
-    """Replace execute_notebook with a stub that records (notebook, executed copy, env) and raises `outcome`."""
+def record_runs(monkeypatch, outcome=None, check_data=False):
+    """Replace execute_notebook with a stub that records (notebook, executed copy, env) and raises `outcome`.
+
+    Unless `check_data` is True, the data check is skipped too, as no notebook code runs.
+    """
     runs = []
 
     def execute(path, output, env=None, **kwargs):
@@ -265,6 +270,8 @@ def record_runs(monkeypatch, outcome=None):
             raise outcome
 
     monkeypatch.setattr(run_notebooks, "execute_notebook", execute)
+    if not check_data:
+        monkeypatch.setattr(run_notebooks, "data_error", lambda path, env: None)
     return runs
 
 
@@ -581,3 +588,107 @@ def test_settings_check_sees_kernel_environment(tmp_path, monkeypatch):
                                  "--set", "TARGET_DOMAIN=synthetic"])
     assert status == 0
     assert len(runs) == 2
+
+
+def closed_local_port():
+    """A port on 127.0.0.1 where nothing listens: one the system just handed out and took back."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tiny_data_without_svhn(folder):
+    test_part1.write_tiny_corpus(folder / "ptb")
+    test_part2.write_tiny_data(folder)
+    shutil.rmtree(folder / "svhn")
+    return folder
+
+
+def test_missing_later_data_stops_run(tmp_path, monkeypatch, capsys):
+    """With DOWNLOAD=False, part 2's missing SVHN stops the run before part 1 trains."""
+    runs = record_runs(monkeypatch, check_data=True)
+    data = tiny_data_without_svhn(tmp_path / "data")
+    status = run_notebooks.main(["--profile", "smoke", "--data-dir", str(data),
+                                 "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "--set", "DOWNLOAD=False"])
+    assert status == 1
+    assert runs == []
+    message = capsys.readouterr().err
+    assert f"error: part2_cyclegan.ipynb: SVHN file {data / 'svhn' / 'train_32x32.mat'} is missing and DOWNLOAD " \
+           f"is False" in message
+    assert "No notebook has run." in message
+
+
+def test_offline_download_stops_run(tmp_path, monkeypatch, capsys):
+    """A download that cannot reach its server stops the run at once and leaves no svhn/ folder."""
+    runs = record_runs(monkeypatch, check_data=True)
+    data = tiny_data_without_svhn(tmp_path / "data")
+    proxy = f"http://127.0.0.1:{closed_local_port()}"      # as offline as a machine gets, without a server
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    status = run_notebooks.main(["--profile", "smoke", "--data-dir", str(data),
+                                 "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 1
+    assert runs == []
+    message = capsys.readouterr().err
+    assert "is missing and the download from http://ufldl.stanford.edu/housenumbers/train_32x32.mat failed" in message
+    assert "--set TARGET_DOMAIN=synthetic" in message, "the offline fix is named"
+    assert not (data / "svhn").exists()
+
+
+def test_present_data_runs_every_notebook(tmp_path, monkeypatch, capsys):
+    runs = record_runs(monkeypatch, check_data=True)
+    data = tmp_path / "data"
+    test_part1.write_tiny_corpus(data / "ptb")
+    test_part2.write_tiny_data(data)
+    status = run_notebooks.main(["--profile", "smoke", "--data-dir", str(data),
+                                 "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 0
+    assert [name for name, _, _ in runs] == ["part1_lstm.ipynb", "part2_cyclegan.ipynb"]
+    assert "checking the data of part2_cyclegan.ipynb" in capsys.readouterr().out
+
+
+def test_interrupted_data_check_runs_nothing(tmp_path, monkeypatch, capsys):
+    def interrupted(path, env):
+        raise KeyboardInterrupt
+
+    runs = record_runs(monkeypatch)
+    monkeypatch.setattr(run_notebooks, "data_error", interrupted)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 130
+    assert runs == []
+    message = capsys.readouterr().err
+    assert "Interrupted while checking the data of part2_cyclegan.ipynb; no notebook has run." in message
+
+
+def test_ctrl_c_in_data_download_cleans_up(tmp_path, serve_folder):
+    """A real Ctrl-C while part 2's SVHN download stalls: the runner stops the download, whose partial
+    file and folder are removed, and exits with 130 before any notebook runs."""
+    # A stand-in for the SVHN server, reached as a proxy: a proxy request names the whole address, which the
+    # test server maps to this path below its folder.
+    served = tmp_path / "server" / "http:" / "ufldl.stanford.edu" / "housenumbers"
+    served.mkdir(parents=True)
+    (served / "train_32x32.mat").write_bytes(bytes(200_000))
+    proxy = serve_folder(tmp_path / "server", stall_after=100_000)
+    data = tiny_data_without_svhn(tmp_path / "data")
+    env = {**os.environ, "http_proxy": proxy, "HTTP_PROXY": proxy, "PYTHONPATH": str(run_notebooks.REPO_ROOT)}
+    run = subprocess.Popen([sys.executable, "-m", "tools.run_notebooks", "--profile", "smoke", "--data-dir", str(data),
+                            "--report-dir", str(tmp_path / "report"), "--set",
+                            f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"],
+                           cwd=run_notebooks.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    partial = data / "svhn" / "train_32x32.mat"
+    deadline = time.monotonic() + 60
+    while not (partial.is_file() and partial.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert partial.is_file(), "the download started"
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert "Interrupted while checking the data of part2_cyclegan.ipynb; no notebook has run." in stderr
+    assert "Traceback" not in stderr, stderr
+    assert not (data / "svhn").exists(), "the partial file and the folder it went into are removed"
+    assert not (tmp_path / "report" / "executed").exists() or not any((tmp_path / "report" / "executed").iterdir())

@@ -13,8 +13,10 @@ failing output can be inspected and the last good run's copy is kept.
 Before any notebook starts, the report folder and the checkpoint folder are
 checked: a folder that cannot be written stops the run there, not after hours
 of training. So does an invalid setting for any notebook after the first,
-which the notebook's own settings code finds (the first notebook checks its
-settings in its first cells anyway).
+which the notebook's own settings code finds, and a data file that such a
+notebook needs and can neither find nor download: its fetch_data() runs
+before the first notebook starts. The first notebook checks its settings and
+its data in its first cells anyway.
 """
 
 from __future__ import annotations
@@ -322,6 +324,58 @@ def settings_error(notebook_path: Path, env: dict[str, str]) -> str | None:
     return completed.stdout.strip()
 
 
+FETCH_DATA_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tools.nbdefs import load_definitions
+try:
+    definitions = load_definitions(sys.argv[2], env=json.loads(sys.argv[3]))
+    if hasattr(definitions, "fetch_data"):
+        definitions.fetch_data()
+except (OSError, RuntimeError, ValueError) as error:
+    with open(sys.argv[4], "w", encoding="utf-8") as file:
+        file.write(str(error))
+    sys.exit(4)
+except KeyboardInterrupt:      # the runner reports it
+    sys.exit(130)
+"""
+DATA_ERROR_EXIT = 4
+FETCH_INTERRUPT_WAIT_S = 30         # for the notebook's code to remove a partial download after Ctrl-C
+
+
+def data_error(notebook_path: Path, env: dict[str, str]) -> str | None:
+    """Make sure the data files that the notebook needs with these settings are there, and return the
+    notebook's message where one can be neither found nor downloaded, or None.
+
+    The notebook's fetch_data() runs in a separate process in the kernel's environment, and a notebook
+    without one is skipped. Its output appears as it comes, so a download shows its progress. The
+    process has a session of its own, so that Ctrl-C reaches it once, from here, and the notebook's
+    code can remove a partial download before it exits. A failure other than the notebook's own
+    message is reported with a note and left for the run itself.
+    """
+    with tempfile.TemporaryDirectory(prefix="fetch-data-") as folder:
+        message_path = Path(folder) / "message"
+        command = [sys.executable, "-c", FETCH_DATA_SCRIPT, str(REPO_ROOT), str(notebook_path), json.dumps(env),
+                   str(message_path)]
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=kernel_environment(env), start_new_session=True)
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=FETCH_INTERRUPT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise
+        if returncode == DATA_ERROR_EXIT:
+            return message_path.read_text(encoding="utf-8").strip()
+    if returncode != 0:
+        print(f"note: checking the data of {notebook_path.name} failed with exit code {returncode} (see above); "
+              f"the notebook fetches its data itself when it starts", file=sys.stderr)
+    return None
+
+
 def setting_hint(name: str, known: set[str], skipped: dict[str, set[str]], options: dict[str, str]) -> str:
     """Return "did you mean ...? " for the setting or option closest to a misspelled `name`, or "" if none is close.
 
@@ -507,6 +561,16 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"{path.name}: {message}")
     except KeyboardInterrupt:
         print("\nInterrupted while checking the settings; no notebook has run.", file=sys.stderr)
+        return 130
+    try:
+        for path in paths[1:]:          # fetched now, so that a missing file wastes no earlier notebook's training
+            print(f"checking the data of {path.name}", flush=True)
+            message = data_error(path, env)
+            if message is not None:
+                print(f"error: {path.name}: {message}\nNo notebook has run.", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        print(f"\nInterrupted while checking the data of {path.name}; no notebook has run.", file=sys.stderr)
         return 130
 
     started, status, started_count = {}, 0, 0
