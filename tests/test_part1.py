@@ -1642,3 +1642,36 @@ def test_model_too_large_names_sizes(part1, monkeypatch, message, expected):
         assert "lower the sizes" in str(error.value)
     else:
         assert str(error.value) == "another error", "other errors pass through unchanged"
+
+
+def test_ptb_reply_not_http_named(part1, tmp_path, monkeypatch, serve_garbage):
+    url = serve_garbage + "/{name}"
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
+    assert str(error.value).startswith(f"could not download {url.format(name='ptb.train.txt')} (")
+    assert not (tmp_path / "data").exists()
+
+
+def test_fetch_data_reads_every_split(part1, tmp_path, monkeypatch):
+    """A file that is there but contains no words fails the check, as it would fail the run later."""
+    write_tiny_corpus(tmp_path / "ptb")
+    (tmp_path / "ptb" / "ptb.valid.txt").write_text("")
+    monkeypatch.setattr(part1, "DATA_PATH", tmp_path)
+    with pytest.raises(ValueError, match="ptb.valid.txt has 0 tokens"):
+        part1.fetch_data()
+
+
+def test_fetch_data_returns_words(part1, tmp_path, monkeypatch):
+    write_tiny_corpus(tmp_path / "ptb")
+    monkeypatch.setattr(part1, "DATA_PATH", tmp_path)
+    paths, words, _ = part1.fetch_data()
+    assert words["test"] == part1.read_words(paths["test"])
+
+
+def test_data_dir_file_rejected(repo_root, tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(ValueError) as error:
+        load_definitions(repo_root / NOTEBOOK, env={"PROFILE": "smoke", "DATA_DIR": str(tmp_path / "data")})
+    assert str(error.value) == (f"DATA_DIR={str(tmp_path / 'data')!r} is invalid: it must be a folder, not a file, "
+                                f'e.g. DATA_DIR="data"')

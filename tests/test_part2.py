@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import errno
 import gzip
 import hashlib
 import json
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 from pathlib import Path
 
@@ -1604,3 +1606,103 @@ def test_cyclegan_too_large_names_widths(nb, monkeypatch):
     monkeypatch.setattr(nb, "Generator", out_of_memory)
     with pytest.raises(MemoryError, match=r"CONV_DIM_G=100000 and CONV_DIM_D=4 ran out of memory"):
         nb.build_cyclegan(100_000, 4)
+
+
+# Fetching the data before a run
+
+
+KILLED_DOWNLOAD_SCRIPT = """
+import sys
+from tools.nbdefs import load_definitions
+nb = load_definitions("part2_cyclegan.ipynb", env={"PROFILE": "smoke", "NUM_THREADS": "1"})
+nb.SVHN_SOURCES = {"train": (sys.argv[1], "train_32x32.mat", sys.argv[2])}
+nb.svhn_file(sys.argv[3], "train")
+"""
+
+
+def test_killed_svhn_download_leaves_part_file(nb, repo_root, tmp_path, monkeypatch, serve_folder):
+    """A download killed outright runs no cleanup: it leaves only a .part file, which the next download replaces."""
+    served = tmp_path / "server" / "train_32x32.mat"      # only its MD5 is checked here, not its format
+    served.parent.mkdir()
+    served.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    md5 = hashlib.md5(served.read_bytes()).hexdigest()
+    # torchvision writes 32 KiB chunks, so the server sends several before it stalls.
+    stalling_url = serve_folder(served.parent, stall_after=100_000) + "/train_32x32.mat"
+    data = tmp_path / "data"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD_SCRIPT, stalling_url, md5, str(data)],
+                               cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)})
+    partial = data / "svhn" / "train_32x32.mat.part"
+    deadline = time.monotonic() + 60
+    while not (partial.is_file() and partial.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert partial.is_file(), "the download had started"
+    assert not (data / "svhn" / "train_32x32.mat").exists()
+    good_url = serve_folder(served.parent) + "/train_32x32.mat"
+    monkeypatch.setattr(nb, "SVHN_SOURCES", {"train": (good_url, "train_32x32.mat", md5)})
+    assert nb.svhn_file(data, "train").read_bytes() == served.read_bytes()
+    assert sorted(path.name for path in (data / "svhn").iterdir()) == ["train_32x32.mat"]
+
+
+def test_svhn_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
+    url = f"{serve_garbage}/train_32x32.mat"
+    monkeypatch.setattr(nb, "SVHN_SOURCES", {"train": (url, "train_32x32.mat", "0" * 32)})
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path / "data", "train")
+    assert str(error.value).startswith(f"SVHN file {tmp_path / 'data' / 'svhn' / 'train_32x32.mat'} is missing and "
+                                       f"the download from {url} failed (")
+    assert not (tmp_path / "data").exists()
+
+
+def test_mnist_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [serve_garbage + "/"])
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path / "data", download=True)
+    assert "are missing in" in str(error.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_svhn_folder_that_is_file_named(nb, tmp_path):
+    (tmp_path / "svhn").write_text("not a folder")
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path, "train")
+    assert str(error.value) == (f"SVHN's files go into {tmp_path / 'svhn'}, which is a file, not a folder. Move or "
+                                f"rename it, or point DATA_DIR at another folder")
+
+
+def test_svhn_unwritable_folder_named(nb, tmp_path, monkeypatch):
+    def rejected(url, root, filename, md5):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(root) / filename))
+
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", rejected)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path / "data", "train")
+    assert "because this process may not create or write to " \
+           f"{tmp_path / 'data' / 'svhn'} (Permission denied). Make it writable, or point DATA_DIR" in str(error.value)
+
+
+def test_data_dir_file_rejected(repo_root, tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(ValueError) as error:
+        load(repo_root, DATA_DIR=tmp_path / "data")
+    assert str(error.value) == (f"DATA_DIR={str(tmp_path / 'data')!r} is invalid: it must be a folder, not a file, "
+                                f'e.g. DATA_DIR="data"')
+
+
+def test_fetch_data_reads_svhn_files(nb, tmp_path, monkeypatch):
+    """An SVHN file that is there but cannot be read fails the check, as it would fail the run later."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"")
+    monkeypatch.setattr(nb, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(nb, "TARGET_DOMAIN", "svhn")
+    with pytest.raises(ValueError, match="test_32x32.mat"):
+        nb.fetch_data()
+
+
+def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
+    write_tiny_data(tmp_path, train=12, test=6)
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"")
+    monkeypatch.setattr(nb, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(nb, "TARGET_DOMAIN", "synthetic")
+    assert nb.fetch_data() is None

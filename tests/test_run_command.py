@@ -664,15 +664,15 @@ def test_interrupted_data_check_runs_nothing(tmp_path, monkeypatch, capsys):
     assert "Interrupted while checking the data of part2_cyclegan.ipynb; no notebook has run." in message
 
 
-def test_ctrl_c_in_data_download_cleans_up(tmp_path, serve_folder):
-    """A real Ctrl-C while part 2's SVHN download stalls: the runner stops the download, whose partial
-    file and folder are removed, and exits with 130 before any notebook runs."""
+def start_runner_with_stalled_svhn(tmp_path, serve_folder):
+    """Start the runner in a subprocess on data without SVHN, whose download stalls; return it once the download's
+    .part file contains data, with the data folder."""
     # A stand-in for the SVHN server, reached as a proxy: a proxy request names the whole address, which the
     # test server maps to this path below its folder.
     served = tmp_path / "server" / "http:" / "ufldl.stanford.edu" / "housenumbers"
     served.mkdir(parents=True)
     (served / "train_32x32.mat").write_bytes(bytes(200_000))
-    proxy = serve_folder(tmp_path / "server", stall_after=100_000)
+    proxy = serve_folder(tmp_path / "server", stall_after=100_000)    # torchvision writes 32 KiB chunks
     data = tiny_data_without_svhn(tmp_path / "data")
     env = {**os.environ, "http_proxy": proxy, "HTTP_PROXY": proxy, "PYTHONPATH": str(run_notebooks.REPO_ROOT)}
     run = subprocess.Popen([sys.executable, "-m", "tools.run_notebooks", "--profile", "smoke", "--data-dir", str(data),
@@ -680,15 +680,59 @@ def test_ctrl_c_in_data_download_cleans_up(tmp_path, serve_folder):
                             f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"],
                            cwd=run_notebooks.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    partial = data / "svhn" / "train_32x32.mat"
+    partial = data / "svhn" / "train_32x32.mat.part"
     deadline = time.monotonic() + 60
     while not (partial.is_file() and partial.stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert partial.is_file(), "the download started"
+    return run, data
+
+
+def test_ctrl_c_in_data_download_cleans_up(tmp_path, serve_folder):
+    """A real Ctrl-C while part 2's SVHN download stalls: the runner stops the download, whose partial
+    file and folder are removed, and exits with 130 before any notebook runs."""
+    run, data = start_runner_with_stalled_svhn(tmp_path, serve_folder)
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=60)
     assert run.returncode == 130, stderr
+    assert "Ctrl-C: stopping the data check. Press Ctrl-C again to stop at once." in stderr
     assert "Interrupted while checking the data of part2_cyclegan.ipynb; no notebook has run." in stderr
     assert "Traceback" not in stderr, stderr
     assert not (data / "svhn").exists(), "the partial file and the folder it went into are removed"
-    assert not (tmp_path / "report" / "executed").exists() or not any((tmp_path / "report" / "executed").iterdir())
+    assert list((tmp_path / "report" / "executed").iterdir()) == [], "no notebook has run"
+
+
+def test_killed_runner_stops_data_download(tmp_path, serve_folder):
+    """A runner ended by SIGTERM takes the data check's process with it, which removes its partial download."""
+    run, data = start_runner_with_stalled_svhn(tmp_path, serve_folder)
+    run.terminate()
+    run.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while (data / "svhn").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (data / "svhn").exists(), "the orphaned data check stopped and cleaned up"
+
+
+def test_kernel_ignoring_ctrl_c_is_stopped(tmp_path):
+    """A kernel that does not stop the cell after the Ctrl-C passed on to it is stopped INTERRUPT_GRACE_S later."""
+    cells = ["import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('started', flush=True)\n"
+             "time.sleep(120)", "x = 1"]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    path = tmp_path / "deaf.ipynb"
+    nbformat.write(notebook, path)
+    code = ("import sys\nfrom tools import run_notebooks\nrun_notebooks.INTERRUPT_GRACE_S = 1\ntry:\n"
+            "    run_notebooks.execute_notebook(sys.argv[1], sys.argv[2])\n"
+            "except KeyboardInterrupt:\n    sys.exit(130)")
+    run = subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / "deaf.out.ipynb")],
+                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(run_notebooks.REPO_ROOT)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in run.stdout:
+        if line.rstrip().endswith("started"):
+            run.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130
+    assert "The kernel did not stop the cell within 1 s; stopping it at once." in stderr
+    assert "interrupted; executed copy so far" in stdout
+    assert (tmp_path / "deaf.out.failed.ipynb").is_file()

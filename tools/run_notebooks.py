@@ -51,6 +51,7 @@ TRUE_WORDS = ("1", "true", "yes", "on")          # what the notebooks read as Tr
 # sun_path in struct sockaddr_un is 108 bytes on Linux and 104 on macOS, including the NUL byte, so 103 fits both.
 SOCKET_PATH_MAX_BYTES = 103
 PORT_SUFFIX_BYTES = len("-65535")                # jupyter_client names each socket "<ip>-<port>"
+INTERRUPT_GRACE_S = 20            # for the kernel to stop a cell after a Ctrl-C passed on to it
 
 
 class NotebookFailed(RuntimeError):
@@ -110,39 +111,57 @@ class EchoingClient(NotebookClient):
         return super().output(outs, msg, display_id, cell_index)
 
 
+def write_from_handler(text: str) -> None:
+    """Write to stderr from a signal handler: os.write, because print there can interrupt a print of the main code."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (AttributeError, OSError, ValueError):
+        pass                      # a stderr without a file descriptor, as under pytest's capture
+
+
 class InterruptForwarder:
     """Context manager that passes the first Ctrl-C (SIGINT) on to the kernel, so that the running cell stops with
-    KeyboardInterrupt and the kernel can shut down cleanly. A second Ctrl-C raises KeyboardInterrupt here at once.
+    KeyboardInterrupt and the kernel can shut down cleanly. A second Ctrl-C raises KeyboardInterrupt here at once,
+    and so does a kernel that has not stopped the cell INTERRUPT_GRACE_S seconds after the first.
 
     The kernel runs in a session of its own (jupyter_client starts it so), so the terminal's Ctrl-C reaches only
     this process. Raising KeyboardInterrupt here instead would shut the kernel down in the middle of a cell, and
-    ipykernel and nbclient then print tracebacks about closed sockets and a dead kernel.
+    ipykernel and nbclient then print tracebacks about closed sockets and a dead kernel. The grace period is
+    there because a Ctrl-C that reached the kernel as a cell started was seen to be caught by ipykernel
+    itself ("KeyboardInterrupt caught in kernel"), after which the kernel never replied to that cell.
     """
 
     def __init__(self, kernel_manager):
         self.kernel_manager = kernel_manager
         self.requested = False
-        self.previous_handler = None
+        self.previous_handlers = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # only the main thread may set handlers
-            self.previous_handler = signal.signal(signal.SIGINT, self.forward)
+            self.previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self.forward)
+            if hasattr(signal, "setitimer"):
+                self.previous_handlers[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.give_up)
         return self
 
     def __exit__(self, *exc_info):
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGINT, self.previous_handler)
+        if signal.SIGALRM in self.previous_handlers:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
 
     def forward(self, signum, frame):
         group = getattr(getattr(self.kernel_manager, "provisioner", None), "pgid", None)
         if self.requested or not group or not hasattr(os, "killpg"):
             raise KeyboardInterrupt
         self.requested = True
-        try:   # os.write, because print in a signal handler can interrupt a print of the main code
-            os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping the running cell. Press Ctrl-C again to stop at once.\n")
-        except (AttributeError, OSError, ValueError):
-            pass                      # a stderr without a file descriptor, as under pytest's capture
+        write_from_handler("\nCtrl-C: stopping the running cell. Press Ctrl-C again to stop at once.\n")
         os.killpg(group, signal.SIGINT)
+        if signal.SIGALRM in self.previous_handlers:
+            signal.setitimer(signal.ITIMER_REAL, INTERRUPT_GRACE_S)
+
+    def give_up(self, signum, frame):
+        write_from_handler(f"The kernel did not stop the cell within {INTERRUPT_GRACE_S:g} s; stopping it at once.\n")
+        raise KeyboardInterrupt
 
 
 def _cell_title(cell) -> str:
@@ -325,55 +344,91 @@ def settings_error(notebook_path: Path, env: dict[str, str]) -> str | None:
 
 
 FETCH_DATA_SCRIPT = """
-import json, sys
+import json, os, signal, sys, threading, time, traceback
+
+def stop(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # one stop is enough; a second could cut the cleanup short
+    raise KeyboardInterrupt
+
+def watch_parent(parent):
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGINT)             # the runner has gone (killed, or its terminal closed)
+
+signal.signal(signal.SIGINT, stop)
+threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
+message_pipe = os.fdopen(int(sys.argv[4]), "w", encoding="utf-8")
 sys.path.insert(0, sys.argv[1])
-from tools.nbdefs import load_definitions
 try:
+    from tools.nbdefs import load_definitions
     definitions = load_definitions(sys.argv[2], env=json.loads(sys.argv[3]))
     if hasattr(definitions, "fetch_data"):
         definitions.fetch_data()
-except (OSError, RuntimeError, ValueError) as error:
-    with open(sys.argv[4], "w", encoding="utf-8") as file:
-        file.write(str(error))
-    sys.exit(4)
-except KeyboardInterrupt:      # the runner reports it
+except KeyboardInterrupt:
     sys.exit(130)
+except Exception as error:
+    if isinstance(error, (OSError, RuntimeError, ValueError)) and str(error):
+        message_pipe.write(str(error))           # the notebook's own message
+    else:
+        traceback.print_exc()
+        message_pipe.write(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+    message_pipe.close()
+    sys.exit(4)
 """
 DATA_ERROR_EXIT = 4
 FETCH_INTERRUPT_WAIT_S = 30         # for the notebook's code to remove a partial download after Ctrl-C
 
 
 def data_error(notebook_path: Path, env: dict[str, str]) -> str | None:
-    """Make sure the data files that the notebook needs with these settings are there, and return the
-    notebook's message where one can be neither found nor downloaded, or None.
+    """Make sure the data files that the notebook needs with these settings are there and readable, and
+    return the notebook's message where one is not and cannot be downloaded, or None.
 
     The notebook's fetch_data() runs in a separate process in the kernel's environment, and a notebook
     without one is skipped. Its output appears as it comes, so a download shows its progress. The
-    process has a session of its own, so that Ctrl-C reaches it once, from here, and the notebook's
-    code can remove a partial download before it exits. A failure other than the notebook's own
-    message is reported with a note and left for the run itself.
+    process has a session of its own, so that a Ctrl-C reaches it once, from here (see stop_data_check),
+    and it stops by itself when this process ends in any other way. A process that fails without a
+    message gets a note, and the run goes on.
     """
-    with tempfile.TemporaryDirectory(prefix="fetch-data-") as folder:
-        message_path = Path(folder) / "message"
-        command = [sys.executable, "-c", FETCH_DATA_SCRIPT, str(REPO_ROOT), str(notebook_path), json.dumps(env),
-                   str(message_path)]
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=kernel_environment(env), start_new_session=True)
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-c", FETCH_DATA_SCRIPT, str(REPO_ROOT), str(notebook_path), json.dumps(env),
+               str(write_end)]
+    try:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=kernel_environment(env), start_new_session=True,
+                                   pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, encoding="utf-8", errors="replace") as messages:
         try:
+            message = messages.read().strip()       # ends when the process exits
             returncode = process.wait()
         except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=FETCH_INTERRUPT_WAIT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_data_check(process)
             raise
-        if returncode == DATA_ERROR_EXIT:
-            return message_path.read_text(encoding="utf-8").strip()
+    if returncode == DATA_ERROR_EXIT and message:
+        return message
     if returncode != 0:
-        print(f"note: checking the data of {notebook_path.name} failed with exit code {returncode} (see above); "
-              f"the notebook fetches its data itself when it starts", file=sys.stderr)
+        print(f"\nnote: checking the data of {notebook_path.name} failed with exit code {returncode}; the notebook "
+              f"fetches its data itself when it starts", file=sys.stderr)
     return None
+
+
+def stop_data_check(process: subprocess.Popen) -> None:
+    """Pass a Ctrl-C on to the data check's process and wait until it has removed a partial download.
+
+    A second Ctrl-C, or FETCH_INTERRUPT_WAIT_S seconds without an exit, kills the process instead. A
+    partial download then stays as a .part file, which the next download replaces.
+    """
+    print("\nCtrl-C: stopping the data check. Press Ctrl-C again to stop at once.", file=sys.stderr, flush=True)
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=FETCH_INTERRUPT_WAIT_S)
+        return
+    except subprocess.TimeoutExpired:
+        print(f"The data check did not stop within {FETCH_INTERRUPT_WAIT_S} s, so it was killed.", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    process.kill()
+    process.wait()
 
 
 def setting_hint(name: str, known: set[str], skipped: dict[str, set[str]], options: dict[str, str]) -> str:
@@ -567,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checking the data of {path.name}", flush=True)
             message = data_error(path, env)
             if message is not None:
-                print(f"error: {path.name}: {message}\nNo notebook has run.", file=sys.stderr)
+                print(f"\nerror: {path.name}: {message}\nNo notebook has run.", file=sys.stderr)
                 return 1
     except KeyboardInterrupt:
         print(f"\nInterrupted while checking the data of {path.name}; no notebook has run.", file=sys.stderr)
