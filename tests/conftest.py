@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,28 @@ def run_notebook(tmp_path):
         output = report_dir / "executed" / name
         execute_notebook(REPO_ROOT / name, output, env=env, log=lambda *args, **kwargs: None, echo_output=False)
         return report_dir
+
+    return run
+
+
+@pytest.fixture
+def run_cells_until(tmp_path):
+    """Run a notebook's code cells in order in a real kernel, up to and including the first that contains `marker`,
+    with the code `setup` run just before that cell.
+
+    Unlike tools.nbdefs, which runs every definitions cell first, this finds a cell that uses a function
+    defined only further down. Outputs go below tmp_path. A failing cell raises NotebookFailed.
+    """
+    def run(notebook_path: Path, marker: str, setup: str, settings: dict[str, str]) -> None:
+        notebook = nbformat.read(notebook_path, as_version=4)
+        code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        last = next(index for index, cell in enumerate(code_cells) if marker in cell.source)
+        notebook.cells = code_cells[:last] + [nbformat.v4.new_code_cell(setup), code_cells[last]]
+        path = tmp_path / f"prefix_{notebook_path.name}"
+        nbformat.write(notebook, path)
+        env = {"REPORT_DIR": str(tmp_path / "report"), "CHECKPOINT_DIR": str(tmp_path / "checkpoints"), **settings}
+        execute_notebook(path, tmp_path / "executed" / path.name, env=env, log=lambda *args, **kwargs: None,
+                         echo_output=False)
 
     return run
 

@@ -1675,3 +1675,13 @@ def test_data_dir_file_rejected(repo_root, tmp_path):
         load_definitions(repo_root / NOTEBOOK, env={"PROFILE": "smoke", "DATA_DIR": str(tmp_path / "data")})
     assert str(error.value) == (f"DATA_DIR={str(tmp_path / 'data')!r} is invalid: it must be a folder, not a file, "
                                 f'e.g. DATA_DIR="data"')
+
+
+def test_data_cell_downloads_in_kernel(repo_root, real_data, tmp_path, serve_folder, run_cells_until):
+    """The data cell downloads the Penn Treebank in a kernel that has run only the cells before it, in order."""
+    url = serve_folder(real_data / "ptb") + "/{name}"
+    data = tmp_path / "data"
+    run_cells_until(repo_root / NOTEBOOK, "= fetch_data()", f"PTB_URL = {url!r}",
+                    {"PROFILE": "smoke", "DATA_DIR": str(data), "MIXED_PRECISION": "0"})
+    for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+        assert (data / "ptb" / name).read_bytes() == (real_data / "ptb" / name).read_bytes()

@@ -1706,3 +1706,56 @@ def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
     monkeypatch.setattr(nb, "DATA_DIR", str(tmp_path))
     monkeypatch.setattr(nb, "TARGET_DOMAIN", "synthetic")
     assert nb.fetch_data() is None
+
+
+def test_svhn_bad_checksum_named(tmp_path):
+    """A compressed .mat whose zlib checksum is wrong raises zlib.error inside scipy; the message names the file."""
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.ones((4, 1), np.uint8)},
+                     do_compression=True)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF                         # the last byte of the zlib stream's Adler-32 checksum
+    path.write_bytes(data)
+    nb = load_definitions(Path(__file__).resolve().parent.parent / NOTEBOOK, env=SMOKE)
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (error: Error -3 while decompressing")
+    assert str(error.value).endswith("delete it to download it again, or replace it with the original")
+
+
+def test_svhn_folder_at_file_name_named(nb, tmp_path):
+    (tmp_path / "svhn" / "train_32x32.mat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path, "train")
+    assert str(error.value) == (f"{tmp_path / 'svhn' / 'train_32x32.mat'} is a folder, not SVHN's file. Remove or "
+                                f"rename it to download the file, or put the file in its place")
+
+
+def test_svhn_folder_at_part_name_named(nb, tmp_path):
+    (tmp_path / "svhn" / "train_32x32.mat.part").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path, "train")
+    assert str(error.value) == (f"cannot write {tmp_path / 'svhn' / 'train_32x32.mat.part'} for the download (it is "
+                                f"a folder). Remove it, or point DATA_DIR at another folder")
+
+
+def test_data_cell_downloads_in_kernel(repo_root, tmp_path, serve_folder, run_cells_until):
+    """The data cell downloads MNIST and SVHN in a kernel that has run only the cells before it, in order."""
+    write_tiny_data(tmp_path / "server", train=12, test=6)
+    svhn_url = serve_folder(tmp_path / "server" / "svhn")
+    svhn_md5 = {name: hashlib.md5((tmp_path / "server" / "svhn" / name).read_bytes()).hexdigest()
+                for name in ("train_32x32.mat", "test_32x32.mat")}
+    served = tmp_path / "server" / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(served)
+    resources = [(path.name, hashlib.md5(path.read_bytes()).hexdigest()) for path in sorted(served.glob("*.gz"))]
+    mirror = serve_folder(served) + "/"
+    setup = (f"SVHN_SOURCES = {{split: ({svhn_url!r} + '/' + name, name, {svhn_md5!r}[name]) "
+             f"for split, name in (('train', 'train_32x32.mat'), ('test', 'test_32x32.mat'))}}\n"
+             f"torchvision.datasets.MNIST.mirrors = [{mirror!r}]\n"
+             f"torchvision.datasets.MNIST.resources = {resources!r}")
+    data = tmp_path / "data"
+    run_cells_until(repo_root / NOTEBOOK, "mnist = load_mnist(DATA_DIR", setup,
+                    {**SMOKE, "TARGET_DOMAIN": "svhn", "DATA_DIR": str(data)})
+    assert (data / "svhn" / "test_32x32.mat").read_bytes() == (tmp_path / "server" / "svhn" /
+                                                               "test_32x32.mat").read_bytes()
+    assert (data / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -665,8 +666,10 @@ def test_interrupted_data_check_runs_nothing(tmp_path, monkeypatch, capsys):
 
 
 def start_runner_with_stalled_svhn(tmp_path, serve_folder):
-    """Start the runner in a subprocess on data without SVHN, whose download stalls; return it once the download's
-    .part file contains data, with the data folder."""
+    """Start the runner in a subprocess on data without SVHN, whose download stalls.
+
+    Return the runner and the data folder once the download's .part file contains data.
+    """
     # A stand-in for the SVHN server, reached as a proxy: a proxy request names the whole address, which the
     # test server maps to this path below its folder.
     served = tmp_path / "server" / "http:" / "ufldl.stanford.edu" / "housenumbers"
@@ -736,3 +739,54 @@ def test_kernel_ignoring_ctrl_c_is_stopped(tmp_path):
     assert "The kernel did not stop the cell within 1 s; stopping it at once." in stderr
     assert "interrupted; executed copy so far" in stdout
     assert (tmp_path / "deaf.out.failed.ipynb").is_file()
+
+
+def test_non_utf8_data_dir_message_kept(tmp_path, monkeypatch, capsys):
+    """A data folder whose name is not UTF-8 must still come back as the notebook's message and stop the run."""
+    runs = record_runs(monkeypatch, check_data=True)
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/data\xff"))
+    tiny_data_without_svhn(data)
+    status = run_notebooks.main(["--profile", "smoke", "--data-dir", str(data),
+                                 "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "--set", "DOWNLOAD=False"])
+    assert status == 1
+    assert runs == []
+    assert "is missing and DOWNLOAD is False" in capsys.readouterr().err
+
+
+def test_data_check_stops_without_its_runner(tmp_path):
+    """A data check whose runner has gone stops at once, as at Ctrl-C, even when the runner went before it started."""
+    read_end, write_end = os.pipe()
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()                                 # a process id that is not the check's parent
+    check = subprocess.Popen([sys.executable, "-c", run_notebooks.FETCH_DATA_SCRIPT, str(run_notebooks.REPO_ROOT),
+                              "part2_cyclegan.ipynb", json.dumps({"PROFILE": "smoke"}), str(write_end),
+                              str(exited.pid)], cwd=run_notebooks.REPO_ROOT, pass_fds=(write_end,))
+    os.close(write_end)
+    os.close(read_end)
+    assert check.wait(timeout=60) == 130
+
+
+def close_stdin_and_stdout():
+    os.close(0)
+    os.close(1)
+
+
+def test_closed_stdout_keeps_message_clean(tmp_path):
+    """With the runner's stdin and stdout closed, a new pipe would take their numbers 0 and 1, and what the check
+    prints must still not end up in its message."""
+    data = tmp_path / "data"
+    test_part2.write_tiny_data(data)                                  # no ptb/, so part 1's check downloads
+    run = subprocess.run([sys.executable, "-m", "tools.run_notebooks", "--profile", "smoke", "--data-dir", str(data),
+                          "--report-dir", str(tmp_path / "report"), "--set",
+                          f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "part2_cyclegan.ipynb", "part1_lstm.ipynb"],
+                         cwd=run_notebooks.REPO_ROOT, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(run_notebooks.REPO_ROOT)}, timeout=120,
+                         preexec_fn=close_stdin_and_stdout)
+    assert run.returncode == 1, run.stderr
+    assert "\nerror: part1_lstm.ipynb: could not download " in run.stderr
+
+
+def test_printable_escapes_control_characters():
+    assert run_notebooks.printable("reply \x1b[2J\x1b]0;title\x07 ends\n\tthere") == \
+        "reply \\x1b[2J\\x1b]0;title\\x07 ends\n\tthere"

@@ -356,10 +356,11 @@ def watch_parent(parent):
     os.kill(os.getpid(), signal.SIGINT)             # the runner has gone (killed, or its terminal closed)
 
 signal.signal(signal.SIGINT, stop)
-threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
-message_pipe = os.fdopen(int(sys.argv[4]), "w", encoding="utf-8")
-sys.path.insert(0, sys.argv[1])
 try:
+    # The runner's own pid, not os.getppid() here, which is already another's if the runner has just gone.
+    threading.Thread(target=watch_parent, args=(int(sys.argv[5]),), daemon=True).start()
+    message_pipe = os.fdopen(int(sys.argv[4]), "w", encoding="utf-8", errors="surrogateescape")
+    sys.path.insert(0, sys.argv[1])
     from tools.nbdefs import load_definitions
     definitions = load_definitions(sys.argv[2], env=json.loads(sys.argv[3]))
     if hasattr(definitions, "fetch_data"):
@@ -389,15 +390,16 @@ def data_error(notebook_path: Path, env: dict[str, str]) -> str | None:
     and it stops by itself when this process ends in any other way. A process that fails without a
     message gets a note, and the run goes on.
     """
+    open_closed_standard_streams()          # else the pipe could take a number the process prints to
     read_end, write_end = os.pipe()
     command = [sys.executable, "-c", FETCH_DATA_SCRIPT, str(REPO_ROOT), str(notebook_path), json.dumps(env),
-               str(write_end)]
+               str(write_end), str(os.getpid())]
     try:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=kernel_environment(env), start_new_session=True,
                                    pass_fds=(write_end,))
     finally:
         os.close(write_end)
-    with os.fdopen(read_end, encoding="utf-8", errors="replace") as messages:
+    with os.fdopen(read_end, encoding="utf-8", errors="surrogateescape") as messages:
         try:
             message = messages.read().strip()       # ends when the process exits
             returncode = process.wait()
@@ -412,11 +414,30 @@ def data_error(notebook_path: Path, env: dict[str, str]) -> str | None:
     return None
 
 
+def open_closed_standard_streams() -> None:
+    """Open os.devnull on each of file descriptors 0, 1 and 2 that is closed.
+
+    A file opened later would otherwise take that number, and a child process would print into it.
+    """
+    for number in (0, 1, 2):
+        try:
+            os.fstat(number)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # opens on the lowest free number, which is `number`
+
+
+def printable(text: str) -> str:
+    """Return `text` with control characters other than newline and tab escaped, so that a message quoting a
+    server's reply cannot clear the terminal or move its cursor."""
+    return "".join(char if char in "\n\t" or char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def stop_data_check(process: subprocess.Popen) -> None:
     """Pass a Ctrl-C on to the data check's process and wait until it has removed a partial download.
 
     A second Ctrl-C, or FETCH_INTERRUPT_WAIT_S seconds without an exit, kills the process instead. A
-    partial download then stays as a .part file, which the next download replaces.
+    partial SVHN or Penn Treebank download then stays as a .part file, which the next download
+    replaces. A partial MNIST archive stays under its own name, and the next run names it and the fix.
     """
     print("\nCtrl-C: stopping the data check. Press Ctrl-C again to stop at once.", file=sys.stderr, flush=True)
     process.send_signal(signal.SIGINT)
@@ -622,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checking the data of {path.name}", flush=True)
             message = data_error(path, env)
             if message is not None:
-                print(f"\nerror: {path.name}: {message}\nNo notebook has run.", file=sys.stderr)
+                print(f"\nerror: {path.name}: {printable(message)}\nNo notebook has run.", file=sys.stderr)
                 return 1
     except KeyboardInterrupt:
         print(f"\nInterrupted while checking the data of {path.name}; no notebook has run.", file=sys.stderr)
