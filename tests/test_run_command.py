@@ -831,8 +831,8 @@ def names_used_before_defined(notebook_path):
     return found
 
 
-# MyLSTMCell's __init__ builds its layers as OneDNNLinear, from the next code cell, which explains that speed
-# setting after the cell it serves; no cell makes a MyLSTMCell before that cell has run.
+# MyLSTMCell's __init__ builds its layers as OneDNNLinear, from the next code cell. That cell explains the speed
+# setting after the cell it serves. No cell makes a MyLSTMCell before it has run.
 KNOWN_FORWARD_REFERENCES = {"part1_lstm.ipynb": [(6, "__init__", "OneDNNLinear", 7)], "part2_cyclegan.ipynb": []}
 
 
