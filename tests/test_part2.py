@@ -1708,7 +1708,7 @@ def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
     assert nb.fetch_data() is None
 
 
-def test_svhn_bad_checksum_named(tmp_path):
+def test_svhn_bad_checksum_named(nb, tmp_path):
     """A compressed .mat whose zlib checksum is wrong raises zlib.error inside scipy; the message names the file."""
     path = tmp_path / "train_32x32.mat"
     scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.ones((4, 1), np.uint8)},
@@ -1716,27 +1716,25 @@ def test_svhn_bad_checksum_named(tmp_path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF                         # the last byte of the zlib stream's Adler-32 checksum
     path.write_bytes(data)
-    nb = load_definitions(Path(__file__).resolve().parent.parent / NOTEBOOK, env=SMOKE)
     with pytest.raises(ValueError) as error:
         nb.load_svhn_mat(path)
     assert str(error.value).startswith(f"{path} is not a readable .mat file (error: Error -3 while decompressing")
     assert str(error.value).endswith("delete it to download it again, or replace it with the original")
 
 
-def test_svhn_folder_at_file_name_named(nb, tmp_path):
-    (tmp_path / "svhn" / "train_32x32.mat").mkdir(parents=True)
+@pytest.mark.parametrize("name, message", [
+    ("train_32x32.mat", "{path} is a folder, not SVHN's file. Remove or rename it to download the file, or put the "
+                        "file in its place"),
+    ("train_32x32.mat.part", "cannot write {path} for the download (it is a folder). Remove it, or point DATA_DIR at "
+                             "another folder"),
+])
+def test_svhn_folder_at_file_named(nb, tmp_path, name, message):
+    """A folder at the file's name, or at the name its download goes to first, is named with the fix."""
+    path = tmp_path / "svhn" / name
+    path.mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as error:
         nb.svhn_file(tmp_path, "train")
-    assert str(error.value) == (f"{tmp_path / 'svhn' / 'train_32x32.mat'} is a folder, not SVHN's file. Remove or "
-                                f"rename it to download the file, or put the file in its place")
-
-
-def test_svhn_folder_at_part_name_named(nb, tmp_path):
-    (tmp_path / "svhn" / "train_32x32.mat.part").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError) as error:
-        nb.svhn_file(tmp_path, "train")
-    assert str(error.value) == (f"cannot write {tmp_path / 'svhn' / 'train_32x32.mat.part'} for the download (it is "
-                                f"a folder). Remove it, or point DATA_DIR at another folder")
+    assert str(error.value) == message.format(path=path)
 
 
 def test_data_cell_downloads_in_kernel(repo_root, tmp_path, serve_folder, run_cells_until):

@@ -14,9 +14,9 @@ Before any notebook starts, the report folder and the checkpoint folder are
 checked: a folder that cannot be written stops the run there, not after hours
 of training. So does an invalid setting for any notebook after the first,
 which the notebook's own settings code finds, and a data file that such a
-notebook needs and can neither find nor download: its fetch_data() runs
-before the first notebook starts. The first notebook checks its settings and
-its data in its first cells anyway.
+notebook needs and that is missing or unreadable and cannot be downloaded:
+its fetch_data() runs before the first notebook starts. The first notebook
+checks its settings and its data in its first cells anyway.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ FETCH_DATA_SCRIPT = """
 import json, os, signal, sys, threading, time, traceback
 
 def stop(signum, frame):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # one stop is enough; a second could cut the cleanup short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second SIGINT could cut the cleanup short
     raise KeyboardInterrupt
 
 def watch_parent(parent):
@@ -381,8 +381,8 @@ FETCH_INTERRUPT_WAIT_S = 30         # for the notebook's code to remove a partia
 
 
 def data_error(notebook_path: Path, env: dict[str, str]) -> str | None:
-    """Make sure the data files that the notebook needs with these settings are there and readable, and
-    return the notebook's message where one is not and cannot be downloaded, or None.
+    """Check that the data files the notebook needs with these settings are present and readable, downloading
+    missing ones. Return the notebook's message where that fails, or None.
 
     The notebook's fetch_data() runs in a separate process in the kernel's environment, and a notebook
     without one is skipped. Its output appears as it comes, so a download shows its progress. The
