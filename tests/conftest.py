@@ -133,7 +133,7 @@ def serve_folder(monkeypatch):
 
 @pytest.fixture
 def serve_garbage(monkeypatch):
-    """A server on 127.0.0.1 that replies to every request with a line that is not HTTP; return its base URL.
+    """Start a server on 127.0.0.1 that replies to every request with a line that is not HTTP, and return its URL.
 
     http.client reports such a reply with an HTTPException, which is not an OSError.
     """

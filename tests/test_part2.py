@@ -1663,7 +1663,7 @@ def test_mnist_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
     assert not (tmp_path / "data").exists()
 
 
-def test_svhn_folder_that_is_file_named(nb, tmp_path):
+def test_file_at_svhn_folder_named(nb, tmp_path):
     (tmp_path / "svhn").write_text("not a folder")
     with pytest.raises(FileNotFoundError) as error:
         nb.svhn_file(tmp_path, "train")
@@ -1709,7 +1709,7 @@ def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
 
 
 def test_svhn_bad_checksum_named(nb, tmp_path):
-    """A compressed .mat whose zlib checksum is wrong raises zlib.error inside scipy; the message names the file."""
+    """A compressed .mat whose zlib checksum is wrong makes scipy raise zlib.error. The message names the file."""
     path = tmp_path / "train_32x32.mat"
     scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.ones((4, 1), np.uint8)},
                      do_compression=True)
