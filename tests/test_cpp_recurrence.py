@@ -1,0 +1,152 @@
+"""The C++ kernel experiment: LSTMRecurrence's values and gradients, and every variant in its results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from benchmarks import benchmark, cpp_recurrence
+from tools.nbdefs import load_definitions
+
+COMPILER = os.environ.get("CXX", "c++")
+needs_build = pytest.mark.skipif(shutil.which(COMPILER) is None or not cpp_extension.is_ninja_available(),
+                                 reason=f"building the C++ kernel needs the compiler {COMPILER!r} and ninja")
+
+
+@pytest.fixture(scope="module")
+def part1():
+    return load_definitions(cpp_recurrence.REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if shutil.which(COMPILER) is None or not cpp_extension.is_ninja_available():
+        pytest.skip(f"building the C++ kernel needs the compiler {COMPILER!r} and ninja")
+    module, _ = cpp_recurrence.build_kernel()
+    return module
+
+
+@pytest.fixture()
+def recurrence(part1, kernel):
+    return cpp_recurrence.make_recurrence(part1, kernel)
+
+
+@needs_build
+def test_kernel_matches_notebook_recurrence(part1, recurrence):
+    assert cpp_recurrence.check_against_notebook(part1, part1.LSTMRecurrence, recurrence) <= 1e-5
+
+
+@needs_build
+def test_saturated_gates_match_too(part1, recurrence):
+    """Inputs 50 times larger saturate the gates, and exp overflows float32 inside the kernel."""
+    assert cpp_recurrence.check_against_notebook(part1, part1.LSTMRecurrence, recurrence, scale=50.0) <= 1e-5
+
+
+@needs_build
+def test_addmm_path_matches_too(part1, recurrence, monkeypatch):
+    """With ONEDNN_MATMUL off, prepack returns W_hh as it is and the kernel multiplies with addmm."""
+    monkeypatch.setattr(part1, "ONEDNN_MATMUL", False)
+    assert not part1.prepack(torch.randn(8, 2), 4).is_mkldnn
+    assert cpp_recurrence.check_against_notebook(part1, part1.LSTMRecurrence, recurrence) <= 1e-5
+
+
+@needs_build
+def test_kernel_matches_plain_cell_loop(part1, recurrence):
+    """Against MyLSTMCell stepped in Python, the assignment's own form, not only LSTMRecurrence."""
+    torch.manual_seed(2)
+    cell = part1.MyLSTMCell(6, 5)
+    inputs = torch.randn(3, 7, 6)
+    zeros = torch.zeros(3, 5)
+    hs, _, _ = recurrence.apply(inputs.transpose(0, 1), zeros, zeros, cell.x2h.weight, cell.x2h.bias,
+                                cell.h2h.weight, cell.h2h.bias)
+    expected = part1.run_cell_over_window(cell, inputs, fused=False)
+    torch.testing.assert_close(hs.transpose(0, 1), expected, rtol=1e-5, atol=1e-6)
+
+
+def scale_outputs(outputs):
+    return tuple(1.01 * output for output in outputs)
+
+
+def scale_gradients(outputs):
+    return tuple(output + 0.5 * (output - output.detach()) for output in outputs)   # same values, 1.5x gradient
+
+
+@needs_build
+@pytest.mark.parametrize("distort, part", [(scale_outputs, "hidden states"), (scale_gradients, "input gradient")])
+def test_wrong_kernel_rejected(part1, recurrence, distort, part):
+    class Distorted:
+        @staticmethod
+        def apply(*args):
+            return distort(recurrence.apply(*args))
+
+    with pytest.raises(RuntimeError, match=f"differs from LSTMRecurrence in its {part}"):
+        cpp_recurrence.check_against_notebook(part1, part1.LSTMRecurrence, Distorted)
+
+
+@needs_build
+def test_double_gates_named(kernel):
+    gates = torch.zeros(2, 3, 16, dtype=torch.float64)
+    state = torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="gates must be a contiguous float32 CPU tensor, got Double"):
+        kernel.forward(gates, torch.zeros(16, 4), state, state, None)
+
+
+@needs_build
+def test_steps_switch_recurrence_each_call(part1, recurrence):
+    """Each step sets the recurrence it was built with, whichever step ran before it."""
+    used = []
+
+    def recording(name, function):
+        class Recording:
+            @staticmethod
+            def apply(*args):
+                used.append(name)
+                return function.apply(*args)
+        return Recording
+
+    size = {"embed": 6, "hidden": 8, "batch": 2, "window": 3}
+    steps = cpp_recurrence.step_variants(part1, recording("notebook", part1.LSTMRecurrence),
+                                         recording("C++", recurrence), size, "training")
+    for name in ("MyLSTM, C++ kernel", "MyLSTM", "MyLSTM_att, C++ kernel", "MyLSTM_att", "TorchLSTM"):
+        steps[name]()
+    assert used == ["C++", "notebook", "C++", "notebook"]
+
+
+@needs_build
+def test_main_writes_every_variant(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(benchmark.LSTM_SIZES, "cpu", {"embed": 6, "hidden": 8, "batch": 4, "window": 5})
+    monkeypatch.setattr(cpp_recurrence, "VOCAB_SIZE", 50)
+    monkeypatch.setattr(cpp_recurrence, "BATCH", 4)
+    output = tmp_path / "cpp-kernel.json"
+    assert cpp_recurrence.main(["--sizes", "cpu", "--rounds", "2", "--blocks", "2", "--steps", "1",
+                                "--warmup", "0", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    windows = [(row["size"], row["variant"]) for row in results["windows"]]
+    assert windows == [("cpu", "torch.nn.LSTM"), ("cpu", "LSTMRecurrence"), ("cpu", "C++ kernel")]
+    steps = [(row["path"], row["variant"]) for row in results["training_steps"]]
+    variants = ["TorchLSTM", "MyLSTM", "MyLSTM, C++ kernel", "MyLSTM_att", "MyLSTM_att, C++ kernel"]
+    assert steps == [(path, variant) for path in ("training", "forward") for variant in variants]
+    assert all(row["samples"] == 2 for row in results["training_steps"])
+    assert all(0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] for row in results["windows"])
+    assert results["windows"][0]["ratio_to_torch"] == 1.0
+    assert results["largest_difference"] <= 1e-5
+    assert "| cpu, forward | MyLSTM, C++ kernel |" in capsys.readouterr().out
+
+
+def test_invalid_counts_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cpp_recurrence.main(["--blocks", "0"])
+    assert "--rounds, --blocks and --steps must be at least 1" in capsys.readouterr().err
+
+
+def test_missing_tools_named(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs the C\+\+ compiler 'no-such-compiler' \(\$CXX, or c\+\+\) "
+                                           r"and ninja; install them"):
+        cpp_recurrence.build_kernel()
