@@ -1,6 +1,6 @@
 """Time the LSTM recurrence with each step's element-wise work fused in C++: how much of the gap it closes.
 
-    .venv/bin/python -m benchmarks.cpp_recurrence               # both sizes, about 6 minutes on 2 cores
+    .venv/bin/python -m benchmarks.cpp_recurrence               # both sizes, about 3 minutes on 2 cores
     .venv/bin/python -m benchmarks.cpp_recurrence --sizes cpu   # the cpu sizes only
 
 An experiment, not a speed path of the notebooks. benchmarks/lstm_window.cpp runs the forward and
