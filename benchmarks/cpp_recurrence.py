@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,14 @@ COMPILER_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 TOLERANCE = 1e-5
 
 
+def build_folder():
+    """Return the folder for the kernel's build: under $TORCH_EXTENSIONS_DIR, or PyTorch's default cache."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}" / "lstm_window"
+
+
 def build_kernel():
     """Compile benchmarks/lstm_window.cpp (or load the cached build) and return (module, seconds taken)."""
     from torch.utils import cpp_extension
@@ -69,8 +78,23 @@ def build_kernel():
     if missing:
         raise RuntimeError(f"building the C++ kernel needs {' and '.join(missing)}; install them "
                            f"(for example apt install g++ ninja-build) and run again")
+    folder = build_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RuntimeError(f"cannot create the kernel's build folder {folder} ({error.strerror or error}); set "
+                           f"TORCH_EXTENSIONS_DIR to a folder that can be written") from error
+    if not os.access(folder, os.W_OK):
+        raise RuntimeError(f"the kernel's build folder {folder} is not writable; set TORCH_EXTENSIONS_DIR to a "
+                           f"folder that can be written")
     start = time.perf_counter()
-    module = cpp_extension.load(name="lstm_window", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS)
+    try:
+        module = cpp_extension.load(name="lstm_window", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS,
+                                    build_directory=str(folder))
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
+        raise RuntimeError(f"building {SOURCE} in {folder} failed ({type(error).__name__}: {error}). Check that "
+                           f"{compiler!r} compiles C++ with PyTorch's headers, or delete {folder} to build from "
+                           f"scratch") from error
     return module, time.perf_counter() - start
 
 

@@ -150,3 +150,23 @@ def test_missing_tools_named(monkeypatch):
     with pytest.raises(RuntimeError, match=r"needs the C\+\+ compiler 'no-such-compiler' \(\$CXX, or c\+\+\) "
                                            r"and ninja; install them"):
         cpp_recurrence.build_kernel()
+
+
+def test_unwritable_build_folder_named(tmp_path, monkeypatch):
+    """A file in place of the build folder's parent, because permissions do not stop tests run as root."""
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    with pytest.raises(RuntimeError, match=r"cannot create the kernel's build folder .*cache.*; set "
+                                           r"TORCH_EXTENSIONS_DIR to a folder that can be written"):
+        cpp_recurrence.build_kernel()
+
+
+@needs_build
+def test_failed_build_named(tmp_path, monkeypatch):
+    """A compiler that fails at once, in a fresh build folder, so that no cached build is loaded."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(RuntimeError, match=r"building .*lstm_window.cpp in .* failed .*Check that 'false' compiles"):
+        cpp_recurrence.build_kernel()
