@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -44,6 +45,24 @@ void check_float_cpu(const at::Tensor& tensor, const char* name) {
               tensor.device(), tensor.is_contiguous() ? "" : " (not contiguous)");
 }
 
+// The loops below read and write through raw pointers, so every shape is checked first.
+void check_shape(const at::Tensor& tensor, const char* name, const std::vector<int64_t>& expected) {
+  TORCH_CHECK(tensor.sizes() == at::IntArrayRef(expected), name, " must have shape ", at::IntArrayRef(expected),
+              ", got ", tensor.sizes());
+}
+
+// Return (steps, batch, hidden) from gates (T, B, 4H) and weight_hh (4H, H), after checking both.
+std::tuple<int64_t, int64_t, int64_t> window_sizes(const at::Tensor& gates, const at::Tensor& weight_hh) {
+  TORCH_CHECK(gates.dim() == 3 && weight_hh.dim() == 2, "gates must be (T, B, 4H) and weight_hh (4H, H), got ",
+              gates.sizes(), " and ", weight_hh.sizes());
+  const int64_t steps = gates.size(0), batch = gates.size(1), hidden = weight_hh.size(1);
+  TORCH_CHECK(steps >= 1 && batch >= 1 && hidden >= 1, "the window needs at least one time step, batch row and ",
+              "hidden unit, got gates ", gates.sizes(), " and weight_hh ", weight_hh.sizes());
+  check_shape(weight_hh, "weight_hh", {4 * hidden, hidden});
+  check_shape(gates, "gates", {steps, batch, 4 * hidden});
+  return {steps, batch, hidden};
+}
+
 constexpr int64_t kRowsPerTask = 16;  // rows of the batch per parallel task
 
 }  // namespace
@@ -57,9 +76,10 @@ std::vector<at::Tensor> forward(at::Tensor gates, at::Tensor weight_hh, at::Tens
   for (auto [tensor, name] : {std::pair{gates, "gates"}, {weight_hh, "weight_hh"}, {h0, "h0"}, {c0, "c0"}}) {
     check_float_cpu(tensor, name);
   }
-  const int64_t steps = gates.size(0), batch = gates.size(1), hidden = weight_hh.size(1);
-  TORCH_CHECK(gates.size(2) == 4 * hidden, "gates must have 4 * hidden = ", 4 * hidden, " columns, got ",
-              gates.size(2));
+  int64_t steps, batch, hidden;  // plain variables, because lambdas capture structured bindings only from C++20
+  std::tie(steps, batch, hidden) = window_sizes(gates, weight_hh);
+  check_shape(h0, "h0", {batch, hidden});
+  check_shape(c0, "c0", {batch, hidden});
   auto hs = at::empty({steps + 1, batch, hidden}, gates.options());
   auto cells = at::empty({steps + 1, batch, hidden}, gates.options());
   auto tanh_cells = at::empty({steps, batch, hidden}, gates.options());
@@ -116,7 +136,13 @@ std::vector<at::Tensor> backward(at::Tensor gates, at::Tensor cells, at::Tensor 
                               {grad_c_last, "grad_c_last"}}) {
     check_float_cpu(tensor, name);
   }
-  const int64_t steps = gates.size(0), batch = gates.size(1), hidden = weight_hh.size(1);
+  int64_t steps, batch, hidden;  // plain variables, because lambdas capture structured bindings only from C++20
+  std::tie(steps, batch, hidden) = window_sizes(gates, weight_hh);
+  check_shape(cells, "cells", {steps + 1, batch, hidden});
+  check_shape(tanh_cells, "tanh_cells", {steps, batch, hidden});
+  check_shape(grad_hs, "grad_hs", {steps, batch, hidden});
+  check_shape(grad_h_last, "grad_h_last", {batch, hidden});
+  check_shape(grad_c_last, "grad_c_last", {batch, hidden});
   auto grad_gates = at::empty_like(gates);
   auto grad_c = grad_c_last.clone();
   const auto weight_hh_t = weight_hh.t();  // (H, 4H): linear() computes x W^T

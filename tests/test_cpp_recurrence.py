@@ -170,3 +170,42 @@ def test_failed_build_named(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "false")
     with pytest.raises(RuntimeError, match=r"building .*lstm_window.cpp in .* failed .*Check that 'false' compiles"):
         cpp_recurrence.build_kernel()
+
+
+def forward_arguments(steps=2, batch=3, hidden=4):
+    """Valid arguments of the kernel's forward(): gates, weight_hh, h0, c0 and no packed weight."""
+    return [torch.zeros(steps, batch, 4 * hidden), torch.zeros(4 * hidden, hidden), torch.zeros(batch, hidden),
+            torch.zeros(batch, hidden), None]
+
+
+@needs_build
+@pytest.mark.parametrize("index, value, message", [
+    (2, torch.zeros(5, 4), r"h0 must have shape \[3, 4\], got \[5, 4\]"),
+    (3, torch.zeros(3, 5), r"c0 must have shape \[3, 4\], got \[3, 5\]"),
+    (1, torch.zeros(12, 4), r"weight_hh must have shape \[16, 4\], got \[12, 4\]"),
+    (0, torch.zeros(2, 3, 12), r"gates must have shape \[2, 3, 16\], got \[2, 3, 12\]"),
+    (0, torch.zeros(0, 3, 16), r"at least one time step, batch row and hidden unit, got gates \[0, 3, 16\]"),
+    (0, torch.zeros(3, 16), r"gates must be \(T, B, 4H\) and weight_hh \(4H, H\), got \[3, 16\]"),
+])
+def test_forward_shape_mismatch_named(kernel, index, value, message):
+    arguments = forward_arguments()
+    arguments[index] = value
+    with pytest.raises(RuntimeError, match=message):
+        kernel.forward(*arguments)
+
+
+@needs_build
+@pytest.mark.parametrize("index, value, message", [
+    (1, torch.zeros(2, 3, 4), r"cells must have shape \[3, 3, 4\], got \[2, 3, 4\]"),
+    (2, torch.zeros(3, 3, 4), r"tanh_cells must have shape \[2, 3, 4\], got \[3, 3, 4\]"),
+    (4, torch.zeros(1, 3, 4), r"grad_hs must have shape \[2, 3, 4\], got \[1, 3, 4\]"),
+    (5, torch.zeros(3, 5), r"grad_h_last must have shape \[3, 4\], got \[3, 5\]"),
+    (6, torch.zeros(4), r"grad_c_last must have shape \[3, 4\], got \[4\]"),
+])
+def test_backward_shape_mismatch_named(kernel, index, value, message):
+    gates, weight_hh, h0, c0, _ = forward_arguments()
+    hs, cells, tanh_cells = kernel.forward(gates, weight_hh, h0, c0, None)
+    arguments = [gates, cells, tanh_cells, weight_hh, torch.zeros(2, 3, 4), h0, c0, False]
+    arguments[index] = value
+    with pytest.raises(RuntimeError, match=message):
+        kernel.backward(*arguments)
