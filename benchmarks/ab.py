@@ -23,7 +23,6 @@ Writes benchmarks/results/<date>-cpu-<capability>-ab.json and prints a table of 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,7 +34,14 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.benchmark import LSTM_SIZES, VOCAB_SIZE, default_output, describe_machine, writable_output  # noqa: E402
+from benchmarks.benchmark import (  # noqa: E402
+    LSTM_SIZES,
+    VOCAB_SIZE,
+    default_output,
+    describe_machine,
+    writable_output,
+    write_results,
+)
 from tools.nbdefs import load_definitions  # noqa: E402
 
 # --only choices for part 1, and the setting each one turns on and off.
@@ -148,9 +154,9 @@ def main(argv=None):
     for row in rows:
         print(f"| {row['comparison']} | {row['case']} | {row['variant']} | {row['median_ms']:.1f} | "
               f"{row['min_ms']:.1f}-{row['max_ms']:.1f} | {row['ratio_to_first']:.3f} |")
-    output.write_text(json.dumps({"machine": machine, "blocks": args.blocks, "steps": args.steps,
-                                  "warmup": args.warmup, "rows": rows}, indent=2))
-    print(f"\nwrote {output}")
+    written = write_results(output, {"machine": machine, "blocks": args.blocks, "steps": args.steps,
+                                     "warmup": args.warmup, "rows": rows})
+    print(f"\nwrote {written}")
     return 0
 
 

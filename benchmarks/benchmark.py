@@ -30,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -412,9 +413,35 @@ def writable_output(parser, output):
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"--output {output}: cannot create its folder ({error}); choose another path")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        parser.error(f"--output {output} is not writable; choose another path")
+    try:
+        # A real file, because os.access reports paths writable to root where writing fails (/proc, immutable files).
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-check-"):
+            pass
+        if path.exists():
+            with open(path, "a"):
+                pass
+    except OSError as error:
+        parser.error(f"--output {output} is not writable ({error.strerror or error}); choose another path")
     return path
+
+
+def write_results(path, results):
+    """Write `results` as JSON to `path` and return the path written.
+
+    Where that fails (a folder removed during the run, a full disk), the results go to a new file in
+    the temporary folder instead, named on stderr, so that a run's measurements are not lost.
+    """
+    text = json.dumps(results, indent=2)
+    try:
+        path.write_text(text)
+        return path
+    except OSError as error:
+        handle, fallback = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".json")
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        print(f"writing {path} failed ({error.strerror or error}), so the results went to {fallback}",
+              file=sys.stderr)
+        return Path(fallback)
 
 
 def read_results(parser, table):
@@ -493,15 +520,15 @@ def main(argv=None):
                   f"{result['peak_memory_mib']:6.0f} MiB", flush=True)
     rows = [summarise(case, result, machine_rate) for case, result in results.items()]
 
-    output.write_text(json.dumps({"machine": machine, "matmul_rate_flop_s": rates,
-                                  "bfloat16_matmul_rate_flop_s": bfloat16_rate, "repeats": args.repeats,
-                                  "warmup": args.warmup, "rounds": args.rounds,
-                                  "flops_counted_on": "the same model run as a plain loop with oneDNN off "
-                                                      "(MyLSTM for TorchLSTM)",
-                                  "rows": rows}, indent=2))
+    written = write_results(output, {"machine": machine, "matmul_rate_flop_s": rates,
+                                     "bfloat16_matmul_rate_flop_s": bfloat16_rate, "repeats": args.repeats,
+                                     "warmup": args.warmup, "rounds": args.rounds,
+                                     "flops_counted_on": "the same model run as a plain loop with oneDNN off "
+                                                         "(MyLSTM for TorchLSTM)",
+                                     "rows": rows})
     print()
     print(markdown_table(rows))
-    print(f"\nwrote {output}")
+    print(f"\nwrote {written}")
     return 0
 
 

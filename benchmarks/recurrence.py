@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.benchmark import default_output, describe_machine, writable_output  # noqa: E402
+from benchmarks.benchmark import default_output, describe_machine, writable_output, write_results  # noqa: E402
 from tools.nbdefs import load_definitions  # noqa: E402
 
 BATCH, STEPS, VOCAB_SIZE = 64, 35, 10_000
@@ -236,12 +235,12 @@ def main(argv=None):
         per_step = "" if row["variant"].startswith("Adam") else f"{1000 * row['median_ms'] / STEPS:.0f}"
         print(f"| {row['hidden']} | {row['variant']} | {row['median_ms']:.2f} | "
               f"{row['min_ms']:.2f}-{row['max_ms']:.2f} | {per_step} |")
-    output.write_text(json.dumps({"machine": machine, "batch": BATCH, "steps": STEPS, "rounds": args.rounds,
-                                  "warmup": args.warmup, "settings": {name: getattr(part1, name) for name in (
-                                      "ONEDNN_MATMUL", "FUSED_ADAM", "KEEP_FREED_MEMORY")},
-                                  "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                                  "rows": rows}, indent=2))
-    print(f"\nwrote {output}")
+    written = write_results(output, {"machine": machine, "batch": BATCH, "steps": STEPS, "rounds": args.rounds,
+                                     "warmup": args.warmup, "settings": {name: getattr(part1, name) for name in (
+                                         "ONEDNN_MATMUL", "FUSED_ADAM", "KEEP_FREED_MEMORY")},
+                                     "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                                     "rows": rows})
+    print(f"\nwrote {written}")
     return 0
 
 

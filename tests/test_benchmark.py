@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -138,6 +139,32 @@ def test_output_folder_rejected_before_the_run(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         benchmark.main(["--only", "cyclegan", "--output", str(tmp_path)])
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_output_under_proc_rejected(capsys):
+    """/proc rejects new files even from root, and os.access reports every path writable to root."""
+    parser = benchmark.argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        benchmark.writable_output(parser, "/proc/results.json")
+    assert "--output /proc/results.json is not writable" in capsys.readouterr().err
+
+
+def test_results_written_to_output(tmp_path):
+    path = tmp_path / "results.json"
+    assert benchmark.write_results(path, {"rows": [1, 2]}) == path
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+
+
+def test_results_kept_when_output_fails(tmp_path, capsys):
+    """The output's folder removed during the run: the results go to a temporary file, named on stderr."""
+    path = tmp_path / "removed" / "results.json"
+    written = benchmark.write_results(path, {"rows": [1, 2]})
+    try:
+        assert written != path
+        assert json.loads(written.read_text()) == {"rows": [1, 2]}
+        assert f"writing {path} failed" in capsys.readouterr().err
+    finally:
+        written.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("name, row", [
