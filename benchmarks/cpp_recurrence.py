@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -49,7 +48,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.ab import alternate  # noqa: E402
-from benchmarks.benchmark import LSTM_SIZES, VOCAB_SIZE, default_output, describe_machine, writable_output  # noqa: E402
+from benchmarks.benchmark import (  # noqa: E402
+    LSTM_SIZES,
+    VOCAB_SIZE,
+    default_output,
+    describe_machine,
+    writable_output,
+    write_results,
+)
 from benchmarks.recurrence import BATCH, STEPS, measure  # noqa: E402
 from tools.nbdefs import load_definitions  # noqa: E402
 
@@ -93,8 +99,8 @@ def build_kernel():
                                     build_directory=str(folder))
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
         raise RuntimeError(f"building {SOURCE} in {folder} failed ({type(error).__name__}: {error}). Check that "
-                           f"{compiler!r} compiles C++ with PyTorch's headers, or delete {folder} to build from "
-                           f"scratch") from error
+                           f"{compiler!r} runs and compiles C++ with PyTorch's headers (set CXX to another compiler, "
+                           f"or unset it to use c++), or delete {folder} to build from scratch") from error
     return module, time.perf_counter() - start
 
 
@@ -242,8 +248,8 @@ def rows_of(times, **fields):
             for name, median in medians.items()]
 
 
-def print_table(title, rows, key):
-    print(f"\n{title}\n\n| {key} | variant | median ms | min-max ms | ratio to torch.nn.LSTM |")
+def print_table(title, rows, key, reference):
+    print(f"\n{title}\n\n| {key} | variant | median ms | min-max ms | ratio to {reference} |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row[key]} | {row['variant']} | {row['median_ms']:.2f} | {row['min_ms']:.2f}-{row['max_ms']:.2f} "
@@ -257,7 +263,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=40, help="timed windows per variant (default 40)")
     parser.add_argument("--blocks", type=int, default=8, help="blocks of training steps per variant (default 8)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per block (default 3)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed calls per variant first (default 3; with 0 the slower first calls count)")
     parser.add_argument("--output", help="results JSON (default: benchmarks/results/"
                                          "<date>-cpu-<capability>-cpp-kernel.json)")
     args = parser.parse_args(argv)
@@ -270,36 +277,43 @@ def main(argv=None):
     output = writable_output(parser, args.output or default_output(
         machine, "cpu", REPO_ROOT / "benchmarks" / "results", kind="cpp-kernel"))
 
+    sizes = list(dict.fromkeys(args.sizes))                  # each size once, in the order given
     part1 = load_definitions(REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
-    kernel, build_s = build_kernel()
+    print(f"building the C++ kernel in {build_folder()}, or loading its cached build (a build took 22 s on "
+          f"2 cores)", flush=True)
+    try:
+        kernel, build_s = build_kernel()
+    except RuntimeError as error:
+        parser.exit(1, f"error: {error}\n")
     notebook, recurrence = part1.LSTMRecurrence, make_recurrence(part1, kernel)
     largest_difference = check_against_notebook(part1, notebook, recurrence)
-    print(f"kernel built or loaded in {build_s:.1f} s; largest difference from LSTMRecurrence "
+    print(f"kernel ready after {build_s:.1f} s; largest difference from LSTMRecurrence "
           f"{largest_difference:.2g} of a tensor's largest entry")
 
     window_rows, step_rows = [], []
-    for size_name in args.sizes:
+    for size_name in sizes:
         size = LSTM_SIZES[size_name]
         times = measure(window_variants(part1, notebook, recurrence, size["hidden"]), args.rounds, args.warmup)
         window_rows += rows_of(times, size=size_name, hidden=size["hidden"])
-    print_table("One window, forward and backward", window_rows, "size")
-    for size_name in args.sizes:
+    print_table("One window, forward and backward", window_rows, "size", "torch.nn.LSTM")
+    for size_name in sizes:
         for path in ("training", "forward"):
             times = alternate(step_variants(part1, notebook, recurrence, LSTM_SIZES[size_name], path),
                               args.blocks, args.steps, args.warmup)
             part1.LSTMRecurrence = notebook
             step_rows += rows_of(times, size=size_name, path=path)
-    print_table("Training steps", [{**row, "case": f"{row['size']}, {row['path']}"} for row in step_rows], "case")
+    print_table("Training steps", [{**row, "case": f"{row['size']}, {row['path']}"} for row in step_rows], "case",
+                "TorchLSTM")
 
-    output.write_text(json.dumps({
+    written = write_results(output, {
         "machine": machine, "build_s": build_s, "compiler_flags": COMPILER_FLAGS,
         "largest_difference": largest_difference, "rounds": args.rounds, "blocks": args.blocks,
         "steps": args.steps, "warmup": args.warmup,
         "settings": {name: getattr(part1, name) for name in ("ONEDNN_MATMUL", "MIXED_PRECISION", "FUSED_ADAM",
                                                              "KEEP_FREED_MEMORY")},
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "windows": window_rows, "training_steps": step_rows}, indent=2))
-    print(f"\nwrote {output}")
+        "windows": window_rows, "training_steps": step_rows})
+    print(f"\nwrote {written}")
     return 0
 
 

@@ -86,6 +86,9 @@ std::vector<at::Tensor> forward(at::Tensor gates, at::Tensor weight_hh, at::Tens
   hs[0].copy_(h0);
   cells[0].copy_(c0);
   const bool use_packed = packed.has_value() && packed->defined();
+  if (use_packed) {
+    check_shape(*packed, "packed (weight_hh in oneDNN's layout)", {4 * hidden, hidden});
+  }
   const auto weight_t = weight_hh.t();
   for (int64_t t = 0; t < steps; ++t) {
     auto gates_t = gates[t];

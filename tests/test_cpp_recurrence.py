@@ -138,6 +138,32 @@ def test_main_writes_every_variant(tmp_path, monkeypatch, capsys):
     assert "| cpu, forward | MyLSTM, C++ kernel |" in capsys.readouterr().out
 
 
+@needs_build
+def test_repeated_size_timed_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(benchmark.LSTM_SIZES, "cpu", {"embed": 6, "hidden": 8, "batch": 4, "window": 5})
+    monkeypatch.setattr(cpp_recurrence, "VOCAB_SIZE", 50)
+    monkeypatch.setattr(cpp_recurrence, "BATCH", 4)
+    output = tmp_path / "cpp-kernel.json"
+    assert cpp_recurrence.main(["--sizes", "cpu", "cpu", "--rounds", "1", "--blocks", "1", "--steps", "1",
+                                "--warmup", "0", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert len(results["windows"]) == 3
+    assert len(results["training_steps"]) == 10
+
+
+def test_failed_build_ends_run_cleanly(tmp_path, monkeypatch, capsys):
+    def fail():
+        raise RuntimeError("building lstm_window.cpp failed (a test's failure)")
+
+    monkeypatch.setattr(cpp_recurrence, "build_kernel", fail)
+    output = tmp_path / "cpp-kernel.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cpp_recurrence.main(["--output", str(output)])
+    assert exit_info.value.code == 1
+    assert "error: building lstm_window.cpp failed (a test's failure)" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_invalid_counts_rejected(capsys):
     with pytest.raises(SystemExit):
         cpp_recurrence.main(["--blocks", "0"])
@@ -168,7 +194,8 @@ def test_failed_build_named(tmp_path, monkeypatch):
     """A compiler that fails at once, in a fresh build folder, so that no cached build is loaded."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(RuntimeError, match=r"building .*lstm_window.cpp in .* failed .*Check that 'false' compiles"):
+    with pytest.raises(RuntimeError, match=r"building .*lstm_window.cpp in .* failed .*Check that 'false' runs and "
+                                           r"compiles.*unset it to use c\+\+"):
         cpp_recurrence.build_kernel()
 
 
@@ -186,6 +213,7 @@ def forward_arguments(steps=2, batch=3, hidden=4):
     (0, torch.zeros(2, 3, 12), r"gates must have shape \[2, 3, 16\], got \[2, 3, 12\]"),
     (0, torch.zeros(0, 3, 16), r"at least one time step, batch row and hidden unit, got gates \[0, 3, 16\]"),
     (0, torch.zeros(3, 16), r"gates must be \(T, B, 4H\) and weight_hh \(4H, H\), got \[3, 16\]"),
+    (4, torch.zeros(12, 4), r"packed \(weight_hh in oneDNN's layout\) must have shape \[16, 4\], got \[12, 4\]"),
 ])
 def test_forward_shape_mismatch_named(kernel, index, value, message):
     arguments = forward_arguments()
