@@ -127,9 +127,21 @@ def naive_hidden_states(model):
     model.hidden_states = hidden_states
 
 
+def language_model_step(model, optimizer, inputs, targets, path):
+    """Train a part 1 model for one step on a window of word ids, through forward_all ("training") or forward."""
+    from torch import nn
+
+    if path == "training":
+        loss = nn.functional.cross_entropy(model.forward_all(inputs).flatten(0, 1), targets.flatten())
+    else:
+        loss = nn.functional.cross_entropy(model(inputs), targets[:, -1])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def lstm_case(model_name, mode, size_name, path, repeats, warmup, overrides=None):
     import torch
-    from torch import nn
 
     from tools.nbdefs import load_definitions
     env = {"PROFILE": "smoke", **{name: "1" if on else "0" for name, on in (overrides or {}).items()}}
@@ -148,13 +160,7 @@ def lstm_case(model_name, mode, size_name, path, repeats, warmup, overrides=None
 
     def step_of(model, optimizer):
         def step():
-            if path == "training":
-                loss = nn.functional.cross_entropy(model.forward_all(inputs).flatten(0, 1), targets.flatten())
-            else:
-                loss = nn.functional.cross_entropy(model(inputs), targets[:, -1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            language_model_step(model, optimizer, inputs, targets, path)
         return step
 
     # FLOPs: FlopCounterMode counts plain matrix multiplies only, not oneDNN's operators nor PyTorch's

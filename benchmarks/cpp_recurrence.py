@@ -53,6 +53,7 @@ from benchmarks.benchmark import (  # noqa: E402
     VOCAB_SIZE,
     default_output,
     describe_machine,
+    language_model_step,
     writable_output,
     write_results,
 )
@@ -223,13 +224,7 @@ def step_variants(part1, notebook, recurrence, size, path):
         def step():
             # run_cell_over_window reads the module global LSTMRecurrence at every call.
             part1.LSTMRecurrence = function
-            if path == "training":
-                loss = nn.functional.cross_entropy(model.forward_all(inputs).flatten(0, 1), targets.flatten())
-            else:
-                loss = nn.functional.cross_entropy(model(inputs), targets[:, -1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            language_model_step(model, optimizer, inputs, targets, path)
         return step
 
     return {"TorchLSTM": step_of("TorchLSTM", notebook),
