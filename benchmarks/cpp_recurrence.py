@@ -12,8 +12,9 @@ how close to torch.nn.LSTM the recurrence gets when the per-step call overhead o
 work is gone and only the products remain.
 
 The kernel is compiled on first use by torch.utils.cpp_extension, which needs a C++ compiler and
-ninja, and caches the build in $TORCH_EXTENSIONS_DIR (by default ~/.cache/torch_extensions). The
-results file records the seconds that building or loading took (build_s).
+ninja. The build is cached in py<Python version>/lstm_window under $TORCH_EXTENSIONS_DIR (by
+default ~/.cache/torch_extensions). The results file records the seconds that building or loading
+took (build_s).
 
 Before any timing, the kernel's hidden states, last cell state and gradients are checked against
 the notebook's LSTMRecurrence. Then, in one process:
@@ -276,12 +277,13 @@ def main(argv=None):
     part1 = load_definitions(REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
     print(f"building the C++ kernel in {build_folder()}, or loading its cached build (a build took 22 s on "
           f"2 cores)", flush=True)
+    notebook = part1.LSTMRecurrence
     try:
         kernel, build_s = build_kernel()
-    except RuntimeError as error:
+        recurrence = make_recurrence(part1, kernel)
+        largest_difference = check_against_notebook(part1, notebook, recurrence)
+    except RuntimeError as error:                      # a failed build, or a kernel that computes otherwise
         parser.exit(1, f"error: {error}\n")
-    notebook, recurrence = part1.LSTMRecurrence, make_recurrence(part1, kernel)
-    largest_difference = check_against_notebook(part1, notebook, recurrence)
     print(f"kernel ready after {build_s:.1f} s; largest difference from LSTMRecurrence "
           f"{largest_difference:.2g} of a tensor's largest entry")
 

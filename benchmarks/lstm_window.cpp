@@ -4,9 +4,10 @@
 // LSTMRecurrence makes one matrix product and ten element-wise PyTorch calls per forward step,
 // each with its own call overhead on matrices of 64 rows. Here the products stay PyTorch
 // operators (oneDNN's, as in the notebook, or addmm) and the rest of a step is a single pass
-// over the batch, so what remains of the gap to torch.nn.LSTM is in the products themselves.
+// over the batch. So its timing shows how much of the gap to torch.nn.LSTM the element-wise calls
+// cause.
 //
-// Layouts as in LSTMRecurrence: gates (T, B, 4H) in the order i, f, g, o; weight_hh (4H, H).
+// Layouts as in LSTMRecurrence: gates are (T, B, 4H) in the order i, f, g, o, and weight_hh (4H, H).
 
 #include <torch/extension.h>
 
@@ -29,8 +30,8 @@ at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const
   return op.call(x, other, weight, std::nullopt, "add");
 }
 
-// -ffast-math lets the compiler assume that no value is infinite, and exp overflows float32 above
-// 88.7: without the clamp, pre-activations of a few hundred gave NaN hidden states. Within +-88 the
+// -ffast-math lets the compiler assume that no value is infinite, but exp overflows float32 above
+// 88.7. Without the clamp, pre-activations of a few hundred gave NaN hidden states. Within +-88 the
 // sigmoid is already 0 or 1 to float32 precision, apart from subnormal values.
 inline float sigmoid(float x) {
   x = x < -88.f ? -88.f : (x > 88.f ? 88.f : x);

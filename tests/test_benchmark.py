@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -143,7 +144,7 @@ def test_output_folder_rejected_before_the_run(tmp_path, capsys, monkeypatch):
 
 def test_output_under_proc_rejected(capsys):
     """/proc rejects new files even from root, and os.access reports every path writable to root."""
-    parser = benchmark.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     with pytest.raises(SystemExit):
         benchmark.writable_output(parser, "/proc/results.json")
     assert "--output /proc/results.json is not writable" in capsys.readouterr().err

@@ -14,8 +14,9 @@ from benchmarks import benchmark, cpp_recurrence
 from tools.nbdefs import load_definitions
 
 COMPILER = os.environ.get("CXX", "c++")
-needs_build = pytest.mark.skipif(shutil.which(COMPILER) is None or not cpp_extension.is_ninja_available(),
-                                 reason=f"building the C++ kernel needs the compiler {COMPILER!r} and ninja")
+TOOLS_MISSING = shutil.which(COMPILER) is None or not cpp_extension.is_ninja_available()
+SKIP_REASON = f"building the C++ kernel needs the compiler {COMPILER!r} and ninja"
+needs_build = pytest.mark.skipif(TOOLS_MISSING, reason=SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def part1():
 
 @pytest.fixture(scope="module")
 def kernel():
-    if shutil.which(COMPILER) is None or not cpp_extension.is_ninja_available():
-        pytest.skip(f"building the C++ kernel needs the compiler {COMPILER!r} and ninja")
+    if TOOLS_MISSING:
+        pytest.skip(SKIP_REASON)
     module, _ = cpp_recurrence.build_kernel()
     return module
 
@@ -97,8 +98,10 @@ def test_double_gates_named(kernel):
 
 
 @needs_build
-def test_steps_switch_recurrence_each_call(part1, recurrence):
+def test_steps_switch_recurrence_each_call(part1, recurrence, monkeypatch):
     """Each step sets the recurrence it was built with, whichever step ran before it."""
+    # The steps replace LSTMRecurrence in the shared `part1`, so it is put back after the test.
+    monkeypatch.setattr(part1, "LSTMRecurrence", part1.LSTMRecurrence)
     used = []
 
     def recording(name, function):
@@ -161,6 +164,20 @@ def test_failed_build_ends_run_cleanly(tmp_path, monkeypatch, capsys):
         cpp_recurrence.main(["--output", str(output)])
     assert exit_info.value.code == 1
     assert "error: building lstm_window.cpp failed (a test's failure)" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_mismatched_kernel_ends_run_cleanly(tmp_path, monkeypatch, capsys):
+    def mismatch(*args):
+        raise RuntimeError("the C++ kernel differs from LSTMRecurrence in its hidden states (a test's failure)")
+
+    monkeypatch.setattr(cpp_recurrence, "build_kernel", lambda: (object(), 0.0))
+    monkeypatch.setattr(cpp_recurrence, "check_against_notebook", mismatch)
+    output = tmp_path / "cpp-kernel.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cpp_recurrence.main(["--output", str(output)])
+    assert exit_info.value.code == 1
+    assert "error: the C++ kernel differs from LSTMRecurrence" in capsys.readouterr().err
     assert not output.exists()
 
 
