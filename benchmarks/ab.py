@@ -39,6 +39,7 @@ from benchmarks.benchmark import (  # noqa: E402
     VOCAB_SIZE,
     default_output,
     describe_machine,
+    report_written,
     writable_output,
     write_results,
 )
@@ -156,8 +157,7 @@ def main(argv=None):
               f"{row['min_ms']:.1f}-{row['max_ms']:.1f} | {row['ratio_to_first']:.3f} |")
     written = write_results(output, {"machine": machine, "blocks": args.blocks, "steps": args.steps,
                                      "warmup": args.warmup, "rows": rows})
-    print(f"\nwrote {written}")
-    return 0
+    return report_written(written)
 
 
 if __name__ == "__main__":

@@ -435,19 +435,34 @@ def write_results(path, results):
     """Write `results` as JSON to `path` and return the path written.
 
     Where that fails (a folder removed during the run, a full disk), the results go to a new file in
-    the temporary folder instead, named on stderr, so that a run's measurements are not lost.
+    the temporary folder instead, named on stderr, so that a run's measurements are not lost. Where
+    that fails too, the JSON goes to stdout, the reason to stderr, and the result is None.
     """
     text = json.dumps(results, indent=2)
     try:
         path.write_text(text)
         return path
     except OSError as error:
+        first_error = error.strerror or error
+    try:
         handle, fallback = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".json")
         with os.fdopen(handle, "w") as file:
             file.write(text)
-        print(f"writing {path} failed ({error.strerror or error}), so the results went to {fallback}",
-              file=sys.stderr)
-        return Path(fallback)
+    except OSError as error:
+        print(f"writing {path} failed ({first_error}), and so did a file in {tempfile.gettempdir()} "
+              f"({error.strerror or error}), so the results follow here as JSON", file=sys.stderr)
+        print(text)
+        return None
+    print(f"writing {path} failed ({first_error}), so the results went to {fallback}", file=sys.stderr)
+    return Path(fallback)
+
+
+def report_written(written):
+    """Print where `write_results` put the results, and return the exit status: 0 for a file, 1 for none."""
+    if written is None:
+        return 1
+    print(f"\nwrote {written}")
+    return 0
 
 
 def read_results(parser, table):
@@ -534,8 +549,7 @@ def main(argv=None):
                                      "rows": rows})
     print()
     print(markdown_table(rows))
-    print(f"\nwrote {written}")
-    return 0
+    return report_written(written)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from benchmarks.benchmark import (  # noqa: E402
     default_output,
     describe_machine,
     language_model_step,
+    report_written,
     writable_output,
     write_results,
 )
@@ -310,8 +311,7 @@ def main(argv=None):
                                                              "KEEP_FREED_MEMORY")},
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "windows": window_rows, "training_steps": step_rows})
-    print(f"\nwrote {written}")
-    return 0
+    return report_written(written)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,13 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.benchmark import default_output, describe_machine, writable_output, write_results  # noqa: E402
+from benchmarks.benchmark import (  # noqa: E402
+    default_output,
+    describe_machine,
+    report_written,
+    writable_output,
+    write_results,
+)
 from tools.nbdefs import load_definitions  # noqa: E402
 
 BATCH, STEPS, VOCAB_SIZE = 64, 35, 10_000
@@ -240,8 +246,7 @@ def main(argv=None):
                                          "ONEDNN_MATMUL", "FUSED_ADAM", "KEEP_FREED_MEMORY")},
                                      "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                                      "rows": rows})
-    print(f"\nwrote {written}")
-    return 0
+    return report_written(written)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tempfile
 
 import pytest
 import torch
@@ -166,6 +167,18 @@ def test_results_kept_when_output_fails(tmp_path, capsys):
         assert f"writing {path} failed" in capsys.readouterr().err
     finally:
         written.unlink(missing_ok=True)
+
+
+def test_results_printed_when_both_fail(tmp_path, monkeypatch, capsys):
+    """Neither the output nor the temporary folder writable: the JSON goes to stdout, and the exit status is 1."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-temporary-folder"))
+    path = tmp_path / "removed" / "results.json"
+    written = benchmark.write_results(path, {"rows": [1, 2]})
+    printed = capsys.readouterr()
+    assert written is None
+    assert json.loads(printed.out) == {"rows": [1, 2]}
+    assert "the results follow here as JSON" in printed.err
+    assert benchmark.report_written(written) == 1
 
 
 @pytest.mark.parametrize("name, row", [
