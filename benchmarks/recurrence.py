@@ -12,9 +12,12 @@ with the notebook's default settings (tools/nbdefs.py loads its definitions cell
 - run_cell_over_window with the fused recurrence, forward and backward, x2h included;
 - the forward pass of LSTMRecurrence alone (x2h included, no gradients);
 - only the loop's matrix products: 35 times h W_hh^T + x_gates through linear(), with W_hh
-  packed once (as the loop does) and unpacked;
+  packed once (as the loop does) and unpacked, and where this PyTorch build has MKL's packed
+  multiply (torch.ops.mkl._mkl_linear), through that, with W_hh packed once and x_gates added
+  by a second call;
 - the other matrix products, called as LSTMRecurrence calls them: x2h over the whole window
   before the forward loop, the backward loop's 35 products dz_t W_hh (plus the incoming gradient),
+  also with W_hh^T packed once, which the notebook does not do,
   and the three products over the whole window after it (dz W_xh, dz^T x and dz^T h). With the
   packed forward products these are all of a window's matrix multiplies;
 - torch.tanh on one step's cell state (64, H) against torch.sigmoid on one step's four gates
@@ -58,6 +61,16 @@ from benchmarks.benchmark import (  # noqa: E402
 from tools.nbdefs import load_definitions  # noqa: E402
 
 BATCH, STEPS, VOCAB_SIZE = 64, 35, 10_000
+
+
+# MKL's packed matrix multiply, another internal operator of PyTorch's CPU compiler. None without MKL.
+MKL_LINEAR_OP = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
+MKL_PACK_OP = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if MKL_LINEAR_OP is not None else None
+
+
+def mkl_linear(x, packed, weight, add):
+    """Return x W^T + add through MKL's packed multiply, for `packed` = MKL_PACK_OP(weight, len(x))."""
+    return MKL_LINEAR_OP(x, packed, weight, None, x.shape[0]).add_(add)
 
 
 def plain_window(inputs, h0, c0, weight_xh, bias, weight_hh):
@@ -153,9 +166,17 @@ def variants_for(part1, hidden, compile_too=False):
     def window_x2h():
         part1.linear(flat_inputs, weight_xh, bias_xh)
 
-    def backward_step_products():
+    def backward_step_products(packed):
+        def run():
+            used = part1.prepack(weight.t().contiguous(), BATCH) if packed else weight.t()
+            for t in range(STEPS):
+                part1.linear(grad_gates[t], used, add=grad_hs[t])
+        return run
+
+    def mkl_products():
+        packed = MKL_PACK_OP(weight, BATCH)
         for t in range(STEPS):
-            part1.linear(grad_gates[t], weight.t(), add=grad_hs[t])
+            mkl_linear(hs[t], packed, weight, x_gates[t])
 
     def backward_window_products():
         part1.linear(flat_grad, weight_xh.t())                              # dz W_xh
@@ -174,12 +195,15 @@ def variants_for(part1, hidden, compile_too=False):
                 "35 products, W_hh packed": products(True),
                 "35 products, W_hh not packed": products(False),
                 "x2h product over the window": window_x2h,
-                "backward: 35 products dz_t W_hh": backward_step_products,
+                "backward: 35 products dz_t W_hh": backward_step_products(False),
+                "backward: 35 products dz_t W_hh, W_hh^T packed": backward_step_products(True),
                 "backward: 3 products over the window": backward_window_products,
                 "35 times tanh of (64, H)": lambda: [torch.tanh(cell_state) for _ in range(STEPS)],
                 "35 times sigmoid of (64, 4H)": lambda: [torch.sigmoid(gates) for _ in range(STEPS)],
                 "Adam step, fused": adam_fused.step,
                 "Adam step, per-tensor loop": adam_loop.step}
+    if MKL_LINEAR_OP is not None:
+        variants["35 products through MKL's packed multiply"] = mkl_products
     first_call_seconds = {}
     if compile_too:
         name, function, first_call_s = compiled_variant(part1, cell, inputs, grad_outputs)

@@ -39,6 +39,22 @@ def part1():
     return load_definitions(recurrence.REPO_ROOT / "part1_lstm.ipynb", env={"PROFILE": "smoke"})
 
 
+@pytest.mark.skipif(recurrence.MKL_LINEAR_OP is None, reason="this PyTorch build has no MKL")
+def test_mkl_product_matches_addmm():
+    torch.manual_seed(0)
+    x, weight, add = torch.randn(6, 5), torch.randn(12, 5), torch.randn(6, 12)
+    packed = recurrence.MKL_PACK_OP(weight, 6)
+    torch.testing.assert_close(recurrence.mkl_linear(x, packed, weight, add), torch.addmm(add, x, weight.t()))
+
+
+def test_packed_backward_product_matches(part1):
+    """The backward variant with W_hh^T packed computes dz W_hh + dh, as the unpacked one does."""
+    torch.manual_seed(0)
+    grad_gates, weight, grad_h = torch.randn(6, 12), torch.randn(12, 3), torch.randn(6, 3)
+    packed = part1.prepack(weight.t().contiguous(), 6)
+    torch.testing.assert_close(part1.linear(grad_gates, packed, add=grad_h), torch.addmm(grad_h, grad_gates, weight))
+
+
 @needs_cxx
 def test_compiled_recurrence_is_checked_and_timed(tmp_path):
     output = tmp_path / "recurrence.json"
