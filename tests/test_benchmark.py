@@ -170,7 +170,7 @@ def test_results_kept_when_output_fails(tmp_path, capsys):
 
 
 def test_results_printed_when_both_fail(tmp_path, monkeypatch, capsys):
-    """Neither the output nor the temporary folder writable: the JSON goes to stdout, and the exit status is 1."""
+    """With neither the output nor the temporary folder writable, the JSON goes to stdout and the status is 1."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-temporary-folder"))
     path = tmp_path / "removed" / "results.json"
     written = benchmark.write_results(path, {"rows": [1, 2]})
