@@ -17,9 +17,10 @@ with the notebook's default settings (tools/nbdefs.py loads its definitions cell
   by a second call;
 - the other matrix products, called as LSTMRecurrence calls them: x2h over the whole window
   before the forward loop, the backward loop's 35 products dz_t W_hh (plus the incoming gradient),
-  also with W_hh^T packed once, which the notebook does not do,
   and the three products over the whole window after it (dz W_xh, dz^T x and dz^T h). With the
   packed forward products these are all of a window's matrix multiplies;
+- the backward loop's 35 products again, with W_hh^T packed once per window, which the notebook
+  does not do;
 - torch.tanh on one step's cell state (64, H) against torch.sigmoid on one step's four gates
   (64, 4H), the reason the recurrence computes tanh through sigmoid;
 - one Adam step over MyLSTM's parameters at the cpu profile's vocabulary (10,000 words), fused
