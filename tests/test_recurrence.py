@@ -47,11 +47,14 @@ def test_mkl_product_matches_addmm():
     torch.testing.assert_close(recurrence.mkl_linear(x, packed, weight, add), torch.addmm(add, x, weight.t()))
 
 
-def test_packed_backward_product_matches(part1):
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_packed_backward_product_matches(part1, monkeypatch):
     """The backward variant with W_hh^T packed computes dz W_hh + dh, as the unpacked one does."""
+    monkeypatch.setattr(part1, "ONEDNN_MATMUL", True)      # packed on every host, not only where "auto" picks it
     torch.manual_seed(0)
     grad_gates, weight, grad_h = torch.randn(6, 12), torch.randn(12, 3), torch.randn(6, 3)
     packed = part1.prepack(weight.t().contiguous(), 6)
+    assert packed.is_mkldnn
     torch.testing.assert_close(part1.linear(grad_gates, packed, add=grad_h), torch.addmm(grad_h, grad_gates, weight))
 
 
