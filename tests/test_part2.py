@@ -716,15 +716,24 @@ def test_svhn_download_wrong_md5_removed(nb, tmp_path, monkeypatch, serve_folder
     assert not (tmp_path / "data" / "svhn").exists()
 
 
-def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
-    """torchvision's real MNIST download, MD5 check and unpacking, from a local HTTP mirror of tiny archives."""
-    write_tiny_data(tmp_path / "server", train=12, test=6)
-    served = tmp_path / "server" / "mnist" / "MNIST" / "raw"
-    expected = nb.load_mnist(tmp_path / "server", download=False)
+def serve_mnist_archives(nb, root, monkeypatch, serve_folder, train=12, test=6):
+    """Serve tiny MNIST archives from a local mirror in place of torchvision's, with their MD5s.
+
+    Returns the MNIST that the served files contain and the folder of the archives.
+    """
+    write_tiny_data(root, train=train, test=test)
+    served = root / "mnist" / "MNIST" / "raw"
+    expected = nb.load_mnist(root, download=False)
     gzip_mnist_files(served)
     resources = [(path.name, hashlib.md5(path.read_bytes()).hexdigest()) for path in sorted(served.iterdir())]
     monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [serve_folder(served) + "/"])
     monkeypatch.setattr(nb.torchvision.datasets.MNIST, "resources", resources)
+    return expected, served
+
+
+def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
+    """torchvision's real MNIST download, MD5 check and unpacking, from a local HTTP mirror of tiny archives."""
+    expected, _ = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
     mnist = nb.load_mnist(tmp_path / "data", download=True)
     assert torch.equal(mnist.train_images, expected.train_images)
     assert torch.equal(mnist.test_labels, expected.test_labels)
@@ -759,6 +768,32 @@ def test_rejected_mnist_archive_removed(nb, tmp_path, monkeypatch, serve_folder)
         nb.load_mnist(tmp_path / "data", download=True)
     assert "File not found or corrupted" in str(error.value)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("cut", [lambda archive: archive[:len(archive) // 2], lambda archive: b""],
+                         ids=["cut-off", "empty"])
+def test_cut_mnist_archive_downloaded_again(nb, tmp_path, monkeypatch, serve_folder, capsys, cut):
+    expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    archive = raw / "train-images-idx3-ubyte.gz"
+    archive.write_bytes(cut((served / archive.name).read_bytes()))
+    mnist = nb.load_mnist(tmp_path / "data", download=True)
+    assert torch.equal(mnist.train_images, expected.train_images)
+    assert archive.read_bytes() == (served / archive.name).read_bytes()
+    assert f"NOTE: {archive} is cut short, as a killed download leaves it" in capsys.readouterr().out
+
+
+def test_damaged_mnist_archive_kept_with_download(nb, tmp_path, monkeypatch, serve_folder):
+    """Only an archive cut short is downloaded again, because one that is not gzip may be a file the user put there."""
+    serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    archive = raw / "train-images-idx3-ubyte.gz"
+    archive.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="is not a whole gzip file"):
+        nb.load_mnist(tmp_path / "data", download=True)
+    assert archive.read_bytes() == b"not gzip at all"
 
 
 def test_svhn_link_to_nowhere_not_followed(nb, tmp_path):
@@ -1643,6 +1678,40 @@ def test_killed_svhn_download_leaves_part_file(nb, repo_root, tmp_path, monkeypa
     monkeypatch.setattr(nb, "SVHN_SOURCES", {"train": (good_url, "train_32x32.mat", md5)})
     assert nb.svhn_file(data, "train").read_bytes() == served.read_bytes()
     assert sorted(path.name for path in (data / "svhn").iterdir()) == ["train_32x32.mat"]
+
+
+KILLED_MNIST_DOWNLOAD_SCRIPT = """
+import json
+import sys
+from tools.nbdefs import load_definitions
+nb = load_definitions("part2_cyclegan.ipynb", env={"PROFILE": "smoke", "NUM_THREADS": "1"})
+nb.torchvision.datasets.MNIST.mirrors = [sys.argv[1]]
+nb.torchvision.datasets.MNIST.resources = json.loads(sys.argv[2])
+nb.load_mnist(sys.argv[3], download=True)
+"""
+
+
+def test_killed_mnist_download_recovers(nb, repo_root, tmp_path, monkeypatch, serve_folder):
+    """A download killed outright leaves its archive cut short, and the next run downloads it again."""
+    # Random pixels do not compress: the training images' archive is about 235 kB, and torchvision writes 32 KiB
+    # chunks, so several reach the disk before the server stalls.
+    expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder, train=300)
+    resources = nb.torchvision.datasets.MNIST.resources
+    stalling_mirror = serve_folder(served, stall_after=100_000) + "/"
+    data = tmp_path / "data"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_MNIST_DOWNLOAD_SCRIPT, stalling_mirror,
+                                json.dumps(resources), str(data)],
+                               cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)})
+    archive = data / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    deadline = time.monotonic() + 60
+    while not (archive.is_file() and archive.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert 0 < archive.stat().st_size < (served / archive.name).stat().st_size, "the download was cut off"
+    mnist = nb.load_mnist(data, download=True)
+    assert torch.equal(mnist.train_images, expected.train_images)
+    assert torch.equal(mnist.test_labels, expected.test_labels)
 
 
 def test_svhn_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
