@@ -540,12 +540,17 @@ def test_mnist_archives_unpack_without_download(nb, tmp_path, monkeypatch):
     assert sorted(path.name for path in raw.iterdir() if not path.name.endswith(".gz")) == sorted(nb.MNIST_RAW_FILES)
 
 
-@pytest.mark.parametrize("damage, problem", [
+# Damage other than a cut, which a download never leaves, so the file may be one that the user put there.
+DAMAGED_ARCHIVES = [
     (lambda archive: b"not gzip at all", "is not a whole gzip file (BadGzipFile"),
-    (lambda archive: archive[:len(archive) // 2], "is not a whole gzip file (EOFError"),
+    (lambda archive: archive + b"\x1f\x8b", "is not a whole gzip file (EOFError"),
     (lambda archive: gzip.compress(b"<html>404 Not Found</html>"),
      "does not unpack to a valid MNIST file: it does not start with the idx header 2051"),
-], ids=["not-gzip", "cut-off", "not-mnist"])
+]
+DAMAGED_IDS = ["not-gzip", "whole-then-cut", "not-mnist"]
+
+
+@pytest.mark.parametrize("damage, problem", DAMAGED_ARCHIVES, ids=DAMAGED_IDS)
 def test_bad_mnist_archive_names_it(nb, tmp_path, damage, problem):
     write_tiny_data(tmp_path, train=12, test=6)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
@@ -558,6 +563,39 @@ def test_bad_mnist_archive_names_it(nb, tmp_path, damage, problem):
     assert "delete it to download it again" in str(error.value)
     assert not (raw / "t10k-images-idx3-ubyte").exists()
     assert not (raw / "t10k-images-idx3-ubyte.partial").exists()
+
+
+def test_cut_mnist_archive_named_offline(nb, tmp_path):
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(raw)
+    archive = raw / "t10k-images-idx3-ubyte.gz"
+    cut = archive.read_bytes()[:1000]
+    archive.write_bytes(cut)
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert str(error.value).startswith(f"{archive} is cut short (1,000 bytes), as an interrupted download leaves it")
+    assert "Delete it and set DOWNLOAD=True to download it again" in str(error.value)
+    assert archive.read_bytes() == cut
+
+
+def test_unreadable_mnist_archive_named(nb, tmp_path, monkeypatch):
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    gzip_mnist_files(raw)
+    archive = raw / "t10k-images-idx3-ubyte.gz"
+    real_open = gzip.open
+
+    def open_denied(path, *args, **kwargs):    # chmod denies nothing to root, who may run the tests
+        if Path(path) == archive:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(nb.gzip, "open", open_denied)
+    with pytest.raises(OSError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert str(error.value) == (f"cannot read {archive} (Permission denied). Make it readable, or delete it to "
+                                f"download it again")
 
 
 def test_unwritable_mnist_folder_names_fix(nb, tmp_path):
@@ -770,8 +808,9 @@ def test_rejected_mnist_archive_removed(nb, tmp_path, monkeypatch, serve_folder)
     assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("cut", [lambda archive: archive[:len(archive) // 2], lambda archive: b""],
-                         ids=["cut-off", "empty"])
+@pytest.mark.parametrize("cut", [lambda archive: archive[:len(archive) // 2], lambda archive: archive[:-1],
+                                 lambda archive: b"", lambda archive: archive[:1]],
+                         ids=["half", "last-byte", "empty", "first-byte"])
 def test_cut_mnist_archive_downloaded_again(nb, tmp_path, monkeypatch, serve_folder, capsys, cut):
     expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
     raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
@@ -781,19 +820,98 @@ def test_cut_mnist_archive_downloaded_again(nb, tmp_path, monkeypatch, serve_fol
     mnist = nb.load_mnist(tmp_path / "data", download=True)
     assert torch.equal(mnist.train_images, expected.train_images)
     assert archive.read_bytes() == (served / archive.name).read_bytes()
-    assert f"NOTE: {archive} is cut short, as a killed download leaves it" in capsys.readouterr().out
+    assert f"NOTE: {archive} is cut short, as an interrupted download leaves it" in capsys.readouterr().out
 
 
-def test_damaged_mnist_archive_kept_with_download(nb, tmp_path, monkeypatch, serve_folder):
-    """Only an archive cut short is downloaded again, because one that is not gzip may be a file the user put there."""
-    serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+@pytest.mark.parametrize("damage, problem", DAMAGED_ARCHIVES, ids=DAMAGED_IDS)
+def test_damaged_mnist_archive_kept_with_download(nb, tmp_path, monkeypatch, serve_folder, damage, problem):
+    """Only an archive cut short is downloaded again, because other damage may be a file that the user put there."""
+    _, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
     raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     archive = raw / "train-images-idx3-ubyte.gz"
-    archive.write_bytes(b"not gzip at all")
+    damaged = damage((served / archive.name).read_bytes())
+    archive.write_bytes(damaged)
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path / "data", download=True)
+    assert str(error.value).startswith(f"{archive} {problem}")
+    assert archive.read_bytes() == damaged
+
+
+def test_cut_mnist_archive_kept_beside_damaged(nb, tmp_path, monkeypatch, serve_folder, capsys):
+    """A cut archive is deleted only after every archive has been checked, so a damaged one stops the run first."""
+    _, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    cut = raw / "train-images-idx3-ubyte.gz"
+    cut.write_bytes((served / cut.name).read_bytes()[:100])
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="is not a whole gzip file"):
         nb.load_mnist(tmp_path / "data", download=True)
-    assert archive.read_bytes() == b"not gzip at all"
+    assert cut.stat().st_size == 100
+    assert "NOTE" not in capsys.readouterr().out
+
+
+def test_undeletable_mnist_archive_named(nb, tmp_path, monkeypatch, serve_folder):
+    _, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    archive = raw / "train-images-idx3-ubyte.gz"
+    archive.write_bytes((served / archive.name).read_bytes()[:100])
+    real_unlink = Path.unlink
+
+    def unlink_denied(path, *args, **kwargs):   # a sticky folder denies it, but not to root, who may run the tests
+        if path == archive:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink_denied)
+    with pytest.raises(OSError) as error:
+        nb.load_mnist(tmp_path / "data", download=True)
+    assert str(error.value) == (f"{archive} is cut short, as an interrupted download leaves it, and cannot be deleted "
+                                f"(Operation not permitted). Delete it, or make its folder writable")
+
+
+def test_mnist_download_keeps_present_files(nb, tmp_path, monkeypatch, serve_folder):
+    """Only the missing file is downloaded, and the others, here different from the mirror's, keep their bytes."""
+    expected, _ = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    write_tiny_data(tmp_path / "data", train=12, test=6, seed=1)
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    present = {path.name: path.read_bytes() for path in raw.iterdir() if path.name != "t10k-images-idx3-ubyte"}
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    mnist = nb.load_mnist(tmp_path / "data", download=True)
+    assert {name: (raw / name).read_bytes() for name in present} == present
+    assert torch.equal(mnist.test_images, expected.test_images)
+    assert sorted(path.name for path in raw.iterdir()) == sorted([*nb.MNIST_RAW_FILES, "t10k-images-idx3-ubyte.gz"])
+
+
+def test_mnist_download_tries_next_mirror(nb, tmp_path, monkeypatch, serve_folder):
+    expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    dead_mirror = serve_folder(tmp_path / "server") + "/nowhere/"
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [dead_mirror, serve_folder(served) + "/"])
+    mnist = nb.load_mnist(tmp_path / "data", download=True)
+    assert torch.equal(mnist.train_images, expected.train_images)
+    assert torch.equal(mnist.test_labels, expected.test_labels)
+
+
+def test_failed_mnist_mirrors_all_named(nb, tmp_path, monkeypatch, serve_folder):
+    mirrors = [serve_folder(tmp_path) + "/first/", serve_folder(tmp_path) + "/second/"]
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", mirrors)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path / "data", download=True)
+    assert f"({mirrors[0]}train-images-idx3-ubyte.gz: HTTP Error 404" in str(error.value)
+    assert f"; {mirrors[1]}train-images-idx3-ubyte.gz: HTTP Error 404" in str(error.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_mnist_folder_at_name_named(nb, tmp_path):
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    (raw / "train-labels-idx1-ubyte").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path, download=True)
+    assert str(error.value) == (f"MNIST files {', '.join(nb.MNIST_RAW_FILES)} are missing in {raw}, and they cannot "
+                                f"be downloaded there because these names are folders: train-labels-idx1-ubyte. "
+                                f"Remove or rename them, or set DATA_DIR to another folder")
 
 
 def test_svhn_link_to_nowhere_not_followed(nb, tmp_path):
@@ -1691,8 +1809,8 @@ nb.load_mnist(sys.argv[3], download=True)
 """
 
 
-def test_killed_mnist_download_recovers(nb, repo_root, tmp_path, monkeypatch, serve_folder):
-    """A download killed outright leaves its archive cut short, and the next run downloads it again."""
+def test_killed_mnist_download_leaves_part_file(nb, repo_root, tmp_path, monkeypatch, serve_folder):
+    """A download killed outright runs no cleanup: it leaves only a .part file, which the next download replaces."""
     # Random pixels do not compress: the training images' archive is about 235 kB, and torchvision writes 32 KiB
     # chunks, so several reach the disk before the server stalls.
     expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder, train=300)
@@ -1702,16 +1820,19 @@ def test_killed_mnist_download_recovers(nb, repo_root, tmp_path, monkeypatch, se
     process = subprocess.Popen([sys.executable, "-c", KILLED_MNIST_DOWNLOAD_SCRIPT, stalling_mirror,
                                 json.dumps(resources), str(data)],
                                cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)})
-    archive = data / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    raw = data / "mnist" / "MNIST" / "raw"
+    partial = raw / "train-images-idx3-ubyte.gz.part"
     deadline = time.monotonic() + 60
-    while not (archive.is_file() and archive.stat().st_size > 0) and time.monotonic() < deadline:
+    while not (partial.is_file() and partial.stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     process.kill()
     process.wait()
-    assert 0 < archive.stat().st_size < (served / archive.name).stat().st_size, "the download was cut off"
+    assert partial.is_file(), "the download had started"
+    assert not (raw / "train-images-idx3-ubyte.gz").exists()
     mnist = nb.load_mnist(data, download=True)
     assert torch.equal(mnist.train_images, expected.train_images)
     assert torch.equal(mnist.test_labels, expected.test_labels)
+    assert not any(path.name.endswith(".part") for path in raw.iterdir())
 
 
 def test_svhn_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
