@@ -754,6 +754,11 @@ def test_svhn_download_wrong_md5_removed(nb, tmp_path, monkeypatch, serve_folder
     assert not (tmp_path / "data" / "svhn").exists()
 
 
+def forbidden_download(url, *args, **kwargs):
+    """Stand in for torchvision's download_url where a test must fail, not reach a real server, if one is tried."""
+    raise AssertionError(f"no download may be tried here, but {url} was")
+
+
 def serve_mnist_archives(nb, root, monkeypatch, serve_folder, train=12, test=6):
     """Serve tiny MNIST archives from a local mirror in place of torchvision's, with their MD5s.
 
@@ -804,7 +809,9 @@ def test_rejected_mnist_archive_removed(nb, tmp_path, monkeypatch, serve_folder)
                         [(path.name, "0" * 32) for path in sorted(served.iterdir())])
     with pytest.raises(FileNotFoundError) as error:
         nb.load_mnist(tmp_path / "data", download=True)
-    assert "File not found or corrupted" in str(error.value)
+    served_md5 = hashlib.md5((served / "train-images-idx3-ubyte.gz").read_bytes()).hexdigest()
+    assert "train-images-idx3-ubyte.gz: the downloaded file (" in str(error.value)
+    assert f"has MD5 {served_md5}, but MNIST's has {'0' * 32}" in str(error.value)
     assert not (tmp_path / "data").exists()
 
 
@@ -904,7 +911,60 @@ def test_failed_mnist_mirrors_all_named(nb, tmp_path, monkeypatch, serve_folder)
     assert not (tmp_path / "data").exists()
 
 
-def test_mnist_folder_at_name_named(nb, tmp_path):
+def test_mnist_stale_processed_cache_ignored(nb, tmp_path):
+    """torchvision's MNIST would load an older version's processed/*.pt in place of the raw files."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    expected = nb.load_mnist(tmp_path, download=False)
+    processed = tmp_path / "mnist" / "MNIST" / "processed"
+    processed.mkdir()
+    for name in ("training.pt", "test.pt"):
+        torch.save((torch.zeros(5, 28, 28, dtype=torch.uint8), torch.zeros(5, dtype=torch.long)), processed / name)
+    mnist = nb.load_mnist(tmp_path, download=False)
+    assert torch.equal(mnist.train_images, expected.train_images)
+    assert torch.equal(mnist.test_labels, expected.test_labels)
+
+
+def test_unreadable_mnist_file_named(nb, tmp_path, monkeypatch):
+    write_tiny_data(tmp_path, train=12, test=6)
+    labels = tmp_path / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+
+    def open_denied(path, *args, **kwargs):    # chmod denies nothing to root, who may run the tests
+        if Path(path) == labels:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(nb, "open", open_denied, raising=False)
+    with pytest.raises(OSError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert str(error.value) == (f"cannot read {labels} (Permission denied). Make it readable, or replace it with "
+                                f"the original")
+
+
+def test_unwritable_mnist_folder_not_downloaded(nb, tmp_path, monkeypatch):
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", forbidden_download)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    # A folder where the write check's file goes makes writing fail even as root, which a chmod does not do.
+    (raw / ".write-check").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path, download=True)
+    assert str(error.value).startswith(f"MNIST files {', '.join(nb.MNIST_RAW_FILES)} are missing in {raw} and "
+                                       f"cannot be downloaded, because this process cannot write to that folder (")
+    assert str(error.value).endswith("Make it writable, or set DATA_DIR to a folder that is")
+
+
+def test_mnist_folder_is_file_named(nb, tmp_path, monkeypatch):
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", forbidden_download)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.parent.mkdir(parents=True)
+    raw.write_text("not a folder")
+    with pytest.raises(FileNotFoundError) as error:
+        nb.load_mnist(tmp_path, download=True)
+    assert str(error.value) == (f"MNIST's files go into {raw}, which is a file, not a folder. Move or rename it, or "
+                                f"point DATA_DIR at another folder")
+
+
+def test_mnist_folder_at_name_named(nb, tmp_path, monkeypatch):
+    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", forbidden_download)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     (raw / "train-labels-idx1-ubyte").mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as error:
@@ -1769,6 +1829,7 @@ import sys
 from tools.nbdefs import load_definitions
 nb = load_definitions("part2_cyclegan.ipynb", env={"PROFILE": "smoke", "NUM_THREADS": "1"})
 nb.SVHN_SOURCES = {"train": (sys.argv[1], "train_32x32.mat", sys.argv[2])}
+print("definitions loaded", flush=True)
 nb.svhn_file(sys.argv[3], "train")
 """
 
@@ -1798,13 +1859,14 @@ def test_killed_svhn_download_leaves_part_file(nb, repo_root, tmp_path, monkeypa
     assert sorted(path.name for path in (data / "svhn").iterdir()) == ["train_32x32.mat"]
 
 
-KILLED_MNIST_DOWNLOAD_SCRIPT = """
+MNIST_DOWNLOAD_SCRIPT = """
 import json
 import sys
 from tools.nbdefs import load_definitions
 nb = load_definitions("part2_cyclegan.ipynb", env={"PROFILE": "smoke", "NUM_THREADS": "1"})
 nb.torchvision.datasets.MNIST.mirrors = [sys.argv[1]]
 nb.torchvision.datasets.MNIST.resources = json.loads(sys.argv[2])
+print("definitions loaded", flush=True)
 nb.load_mnist(sys.argv[3], download=True)
 """
 
@@ -1817,7 +1879,7 @@ def test_killed_mnist_download_leaves_part_file(nb, repo_root, tmp_path, monkeyp
     resources = nb.torchvision.datasets.MNIST.resources
     stalling_mirror = serve_folder(served, stall_after=100_000) + "/"
     data = tmp_path / "data"
-    process = subprocess.Popen([sys.executable, "-c", KILLED_MNIST_DOWNLOAD_SCRIPT, stalling_mirror,
+    process = subprocess.Popen([sys.executable, "-c", MNIST_DOWNLOAD_SCRIPT, stalling_mirror,
                                 json.dumps(resources), str(data)],
                                cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)})
     raw = data / "mnist" / "MNIST" / "raw"
@@ -1833,6 +1895,45 @@ def test_killed_mnist_download_leaves_part_file(nb, repo_root, tmp_path, monkeyp
     assert torch.equal(mnist.train_images, expected.train_images)
     assert torch.equal(mnist.test_labels, expected.test_labels)
     assert not any(path.name.endswith(".part") for path in raw.iterdir())
+
+
+def test_mnist_download_waits_for_lock(nb, repo_root, tmp_path, monkeypatch, serve_folder):
+    """A second process waits while the data folder is locked, then finds the files there and downloads nothing."""
+    expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    resources = nb.torchvision.datasets.MNIST.resources
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    dead_mirror = serve_folder(tmp_path) + "/nowhere/"    # a download would fail, so the files come from this test
+    with nb.locked_folder(raw):
+        process = subprocess.Popen([sys.executable, "-c", MNIST_DOWNLOAD_SCRIPT, dead_mirror,
+                                    json.dumps(resources), str(tmp_path / "data")],
+                                   cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)},
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "definitions loaded\n"
+        time.sleep(2)
+        assert process.poll() is None, "the second process did not wait for the lock"
+        for path in served.iterdir():
+            (raw / path.name).write_bytes(path.read_bytes())
+    assert process.wait(timeout=60) == 0
+    assert torch.equal(nb.load_mnist(tmp_path / "data", download=False).train_images, expected.train_images)
+
+
+def test_svhn_download_waits_for_lock(nb, repo_root, tmp_path, serve_folder):
+    """A second process waits while the SVHN folder is locked, then finds the file there and downloads nothing."""
+    folder = tmp_path / "data" / "svhn"
+    folder.mkdir(parents=True)
+    dead_url = serve_folder(tmp_path) + "/nowhere/train_32x32.mat"
+    with nb.locked_folder(folder):
+        process = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD_SCRIPT, dead_url, "0" * 32,
+                                    str(tmp_path / "data")],
+                                   cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)},
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "definitions loaded\n"
+        time.sleep(2)
+        assert process.poll() is None, "the second process did not wait for the lock"
+        (folder / "train_32x32.mat").write_bytes(b"the first process's download")
+    assert process.wait(timeout=60) == 0
+    assert (folder / "train_32x32.mat").read_bytes() == b"the first process's download"
 
 
 def test_svhn_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
