@@ -565,6 +565,19 @@ def test_bad_mnist_archive_names_it(nb, tmp_path, damage, problem):
     assert not (raw / "t10k-images-idx3-ubyte.partial").exists()
 
 
+def opener_denying(denied, real_open):
+    """Wrap `real_open` so that opening the file `denied` fails as without read permission.
+
+    A chmod would deny nothing to root, who may run the tests.
+    """
+    def opener(path, *args, **kwargs):
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    return opener
+
+
 def test_cut_mnist_archive_named_offline(nb, tmp_path):
     write_tiny_data(tmp_path, train=12, test=6)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
@@ -584,14 +597,7 @@ def test_unreadable_mnist_archive_named(nb, tmp_path, monkeypatch):
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     gzip_mnist_files(raw)
     archive = raw / "t10k-images-idx3-ubyte.gz"
-    real_open = gzip.open
-
-    def open_denied(path, *args, **kwargs):    # chmod denies nothing to root, who may run the tests
-        if Path(path) == archive:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(nb.gzip, "open", open_denied)
+    monkeypatch.setattr(nb.gzip, "open", opener_denying(archive, gzip.open))
     with pytest.raises(OSError) as error:
         nb.load_mnist(tmp_path, download=False)
     assert str(error.value) == (f"cannot read {archive} (Permission denied). Make it readable, or delete it to "
@@ -927,13 +933,7 @@ def test_mnist_stale_processed_cache_ignored(nb, tmp_path):
 def test_unreadable_mnist_file_named(nb, tmp_path, monkeypatch):
     write_tiny_data(tmp_path, train=12, test=6)
     labels = tmp_path / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
-
-    def open_denied(path, *args, **kwargs):    # chmod denies nothing to root, who may run the tests
-        if Path(path) == labels:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return open(path, *args, **kwargs)
-
-    monkeypatch.setattr(nb, "open", open_denied, raising=False)
+    monkeypatch.setattr(nb, "open", opener_denying(labels, open), raising=False)
     with pytest.raises(OSError) as error:
         nb.load_mnist(tmp_path, download=False)
     assert str(error.value) == (f"cannot read {labels} (Permission denied). Make it readable, or replace it with "
