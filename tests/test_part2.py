@@ -540,7 +540,7 @@ def test_mnist_archives_unpack_without_download(nb, tmp_path, monkeypatch):
     assert sorted(path.name for path in raw.iterdir() if not path.name.endswith(".gz")) == sorted(nb.MNIST_RAW_FILES)
 
 
-# Damage other than a cut, which a download never leaves, so the file may be one that the user put there.
+# Archives damaged in other ways than a cut. A download never leaves these, so each may be a file the user put there.
 DAMAGED_ARCHIVES = [
     (lambda archive: b"not gzip at all", "is not a whole gzip file (BadGzipFile"),
     (lambda archive: archive + b"\x1f\x8b", "is not a whole gzip file (EOFError"),
@@ -1872,7 +1872,7 @@ nb.load_mnist(sys.argv[3], download=True)
 
 
 def test_killed_mnist_download_leaves_part_file(nb, repo_root, tmp_path, monkeypatch, serve_folder):
-    """A download killed outright runs no cleanup: it leaves only a .part file, which the next download replaces."""
+    """A download killed outright runs no cleanup, so it leaves only a .part file, which the next download replaces."""
     # Random pixels do not compress: the training images' archive is about 235 kB, and torchvision writes 32 KiB
     # chunks, so several reach the disk before the server stalls.
     expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder, train=300)
