@@ -543,11 +543,12 @@ def test_mnist_archives_unpack_without_download(nb, tmp_path, monkeypatch):
 # Archives damaged in other ways than a cut. A download never leaves these, so each may be a file the user put there.
 DAMAGED_ARCHIVES = [
     (lambda archive: b"not gzip at all", "is not a whole gzip file (BadGzipFile"),
-    (lambda archive: archive + b"\x1f\x8b", "is not a whole gzip file (EOFError"),
+    (lambda archive: archive + b"\x1f\x8b", "holds a whole gzip stream of"),
+    (lambda archive: archive + b"junk", "holds a whole gzip stream of"),
     (lambda archive: gzip.compress(b"<html>404 Not Found</html>"),
      "does not unpack to a valid MNIST file: it does not start with the idx header 2051"),
 ]
-DAMAGED_IDS = ["not-gzip", "whole-then-cut", "not-mnist"]
+DAMAGED_IDS = ["not-gzip", "whole-then-cut", "whole-then-junk", "not-mnist"]
 
 
 @pytest.mark.parametrize("damage, problem", DAMAGED_ARCHIVES, ids=DAMAGED_IDS)
@@ -563,6 +564,23 @@ def test_bad_mnist_archive_names_it(nb, tmp_path, damage, problem):
     assert "delete it to download it again" in str(error.value)
     assert not (raw / "t10k-images-idx3-ubyte").exists()
     assert not (raw / "t10k-images-idx3-ubyte.partial").exists()
+
+
+def test_stray_bytes_after_archive_counted(nb, tmp_path):
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    expected = nb.load_mnist(tmp_path, download=False)
+    gzip_mnist_files(raw)
+    archive = raw / "t10k-labels-idx1-ubyte.gz"
+    whole = archive.read_bytes()
+    archive.write_bytes(whole + b"junk")
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert f"stream of {len(whole):,d} bytes, followed by 4 stray bytes" in str(error.value)
+    assert f"cut it to its first {len(whole):,d} bytes" in str(error.value)
+    with open(archive, "r+b") as file:     # the fix that the message gives
+        file.truncate(len(whole))
+    assert torch.equal(nb.load_mnist(tmp_path, download=False).test_labels, expected.test_labels)
 
 
 def opener_denying(denied, real_open):
