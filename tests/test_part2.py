@@ -11,11 +11,13 @@ import math
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import zlib
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -543,8 +545,8 @@ def test_mnist_archives_unpack_without_download(nb, tmp_path, monkeypatch):
 # Archives damaged in other ways than a cut. A download never leaves these, so each may be a file the user put there.
 DAMAGED_ARCHIVES = [
     (lambda archive: b"not gzip at all", "is not a whole gzip file (BadGzipFile"),
-    (lambda archive: archive + b"\x1f\x8b", "holds a whole gzip stream of"),
-    (lambda archive: archive + b"junk", "holds a whole gzip stream of"),
+    (lambda archive: archive + b"\x1f\x8b", "contains a whole gzip stream of"),
+    (lambda archive: archive + b"junk", "contains a whole gzip stream of"),
     (lambda archive: gzip.compress(b"<html>404 Not Found</html>"),
      "does not unpack to a valid MNIST file: it does not start with the idx header 2051"),
 ]
@@ -2015,6 +2017,65 @@ def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
     monkeypatch.setattr(nb, "DATA_DIR", str(tmp_path))
     monkeypatch.setattr(nb, "TARGET_DOMAIN", "synthetic")
     assert nb.fetch_data() is None
+
+
+def compressed_uint8_variable(name, shape):
+    """A compressed .mat variable that declares a uint8 array of `shape` but contains only its first MiB of zeros.
+
+    Reading it would allocate the whole array; listing it reads only the header. Unpacked in full, such
+    a variable would fill memory, as a zip bomb does.
+    """
+    size = math.prod(shape)
+    body = (struct.pack("<4I", 6, 8, 9, 0)                                           # array flags: uint8
+            + struct.pack("<2I", 5, 4 * len(shape)) + struct.pack(f"<{len(shape)}i", *shape)
+            + bytes(-4 * len(shape) % 8)
+            + struct.pack("<2H", 1, len(name)) + name.encode().ljust(4, b"\0")        # a name of up to 4 bytes
+            + struct.pack("<2I", 2, size))                                             # the data: uint8
+    element = struct.pack("<2I", 14, len(body) + size + (-size % 8)) + body
+    stream = zlib.compress(element + bytes(min(size, 2**20)))
+    return struct.pack("<2I", 15, len(stream)) + stream
+
+
+def write_mat(path, variables, extra=b""):
+    """Write `variables` to the .mat file `path` with scipy, then append the raw variable elements `extra`."""
+    scipy.io.savemat(path, variables, do_compression=True)
+    with open(path, "ab") as file:
+        file.write(extra)
+
+
+def test_oversized_svhn_file_left_unread(nb, tmp_path, monkeypatch):
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"y": np.ones((1_000_000, 1), np.uint8)},
+              compressed_uint8_variable("X", (32, 32, 3, 1_000_000)))
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the arrays must not be read")
+
+    monkeypatch.setattr(nb.scipy.io, "loadmat", no_read)
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} declares 1,000,000 images (2,929.7 MiB), more than SVHN's train "
+                                       f"file contains (73,257), so it was not read;")
+
+
+def test_other_mat_variables_left_unread(nb, tmp_path):
+    """A variable that the notebook does not use is skipped, however large it would unpack."""
+    path = tmp_path / "train_32x32.mat"
+    images = np.zeros((32, 32, 3, 2), np.uint8)
+    write_mat(path, {"X": images, "y": np.array([[3], [10]], np.uint8)},
+              compressed_uint8_variable("Z", (1_000_000, 4096)))
+    _, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [3, 0]
+
+
+def test_svhn_labels_in_cell_rejected(nb, tmp_path):
+    path = tmp_path / "test_32x32.mat"
+    labels = np.empty((2, 1), dtype=object)
+    labels[0, 0], labels[1, 0] = np.ones(3), np.ones(3)
+    write_mat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": labels})
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path}: labels y must be whole numbers, found cell;")
 
 
 def test_svhn_bad_checksum_named(nb, tmp_path):
