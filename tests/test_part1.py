@@ -1087,6 +1087,58 @@ def save_onto_full_disk(real_save):
     return save
 
 
+def opener_onto_full_disk(suffix, real_open_new_file):
+    """Return an open_new_file that opens /dev/full, where every write fails, for names ending in `suffix`."""
+    def open_new_file(path):
+        if path.name.endswith(suffix):
+            return open("/dev/full", "wb")
+        return real_open_new_file(path)
+
+    return open_new_file
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+def test_full_disk_keeps_earlier_results(part1, tmp_path):
+    path = tmp_path / "results" / "part1_smoke.json"
+    path.parent.mkdir()
+    path.write_text('{"earlier": true}')
+
+    def write(file):
+        file.write(b'{"later": ')
+        file.flush()
+        with open("/dev/full", "wb") as full:
+            full.write(b"true}")
+
+    with pytest.raises(OSError) as error:
+        part1.write_report_file(path, write)
+    message = str(error.value)
+    assert message.startswith(f"writing {path} failed (No space left on device); ")
+    assert f"free in {path.parent}. Free disk space there, or set REPORT_DIR to another folder." in message
+    assert message.endswith("The earlier part1_smoke.json is unchanged, and the checkpoints are kept, so a rerun "
+                            "reuses the trained models.")
+    assert path.read_text() == '{"earlier": true}'
+    assert list(path.parent.iterdir()) == [path]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+@pytest.mark.parametrize("suffix", [".png.partial", ".pdf.partial"])
+def test_full_disk_keeps_earlier_figure(part1, tmp_path, monkeypatch, suffix):
+    """matplotlib's own writers meet the full disk, and the files of the earlier call stay."""
+    monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
+    fig, ax = part1.plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = part1.save_figure(fig, "curve")
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    monkeypatch.setattr(part1, "open_new_file", opener_onto_full_disk(suffix, part1.open_new_file))
+    with pytest.raises(OSError) as error:
+        part1.save_figure(fig, "curve")
+    part1.plt.close(fig)
+    failed = png.with_suffix(suffix.removesuffix(".partial"))
+    assert str(error.value).startswith(f"writing {failed} failed (No space left on device); ")
+    assert sorted(earlier) == ["part1_smoke_curve.pdf", "part1_smoke_curve.png"]
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
 def test_full_disk_keeps_last_checkpoint(part1, tmp_path, monkeypatch):
     """A checkpoint write that fails midway is named and cleaned up, and a rerun resumes as if nothing happened."""

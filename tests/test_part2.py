@@ -26,7 +26,13 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from test_part1 import ALLOCATION_MESSAGES, MakeFolderOnLoad, allocation_failure, save_onto_full_disk
+from test_part1 import (
+    ALLOCATION_MESSAGES,
+    MakeFolderOnLoad,
+    allocation_failure,
+    opener_onto_full_disk,
+    save_onto_full_disk,
+)
 
 from tools.nbdefs import load_definitions, tagged_cells
 
@@ -566,6 +572,24 @@ def test_bad_mnist_archive_names_it(nb, tmp_path, damage, problem):
     assert "delete it to download it again" in str(error.value)
     assert not (raw / "t10k-images-idx3-ubyte").exists()
     assert not (raw / "t10k-images-idx3-ubyte.partial").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+def test_full_disk_keeps_earlier_figure(nb, tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "FIGURE_DIR", tmp_path)
+    fig, ax = nb.plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    nb.save_figure(fig, "curve")
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    monkeypatch.setattr(nb, "open_new_file", opener_onto_full_disk(".pdf.partial", nb.open_new_file))
+    with pytest.raises(OSError) as error:
+        nb.save_figure(fig, "curve")
+    nb.plt.close(fig)
+    pdf = tmp_path / f"{nb.RUN_NAME}_curve.pdf"
+    assert str(error.value).startswith(f"writing {pdf} failed (No space left on device); ")
+    assert str(error.value).endswith(f"The earlier {pdf.name} is unchanged, and the checkpoints are kept, so a "
+                                     f"rerun reuses the trained models.")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier
 
 
 def test_stray_bytes_after_archive_counted(nb, tmp_path):
