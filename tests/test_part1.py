@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1320,6 +1324,70 @@ def test_unreadable_checkpoint_names_file_and_fix(part1, tmp_path, content):
     assert str(path) in str(error.value)
     assert "FORCE_RETRAIN" in str(error.value)
     assert path.read_bytes() == content, "the unreadable file is left for inspection"
+
+
+def opener_denying(denied, real_open):
+    """Wrap `real_open` so that opening the file `denied` fails as without read permission.
+
+    A chmod would deny nothing to root, who may run the tests.
+    """
+    def opener(path, *args, **kwargs):
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    return opener
+
+
+def flip_byte_in_record(path, record):
+    """Flip one bit in the data of the zip record `record` of the file `path`, leaving its stored CRC-32."""
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(record).header_offset
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[offset + 26:offset + 30])
+    data[offset + 30 + name_length + extra_length] ^= 0x01
+    path.write_bytes(data)
+
+
+def first_tensor_record(path):
+    with zipfile.ZipFile(path) as archive:
+        return sorted(name for name in archive.namelist() if "/data/" in name)[0]
+
+
+def test_flipped_checkpoint_bit_rejected(part1, tmp_path):
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1))
+    record = first_tensor_record(path)
+    flip_byte_in_record(path, record)
+    with pytest.raises(ValueError) as error:
+        run_training(part1, path, train_settings(part1))
+    assert str(error.value).startswith(f"checkpoint {path} is damaged: its record {record} fails its CRC-32 check")
+    assert "FORCE_RETRAIN" in str(error.value)
+
+
+def test_nan_checkpoint_weights_rejected(part1, tmp_path):
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1))
+    state = torch.load(path, weights_only=True)
+    key = next(name for name in state["model"] if name.endswith("h2h.weight"))
+    state["model"][key][0, 0] = float("nan")
+    part1.save_checkpoint(path, state)
+    with pytest.raises(ValueError) as error:
+        run_training(part1, path, train_settings(part1))
+    assert str(error.value).startswith(f"checkpoint {path} contains values that are not finite (NaN or infinity) "
+                                       f"in model.{key};")
+
+
+def test_unreadable_checkpoint_not_called_damaged(part1, tmp_path, monkeypatch):
+    """A checkpoint this process may not read can be sound, so the message must not invite deleting it."""
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1))
+    monkeypatch.setattr("builtins.open", opener_denying(path, open))
+    with pytest.raises(PermissionError) as error:
+        run_training(part1, path, train_settings(part1))
+    assert str(error.value).startswith(f"cannot read checkpoint {path} (Permission denied). Make it readable to "
+                                       f"reuse it, or set FORCE_RETRAIN=True")
+    assert "delete" not in str(error.value)
 
 
 class MakeFolderOnLoad:

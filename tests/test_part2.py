@@ -30,6 +30,9 @@ from test_part1 import (
     ALLOCATION_MESSAGES,
     MakeFolderOnLoad,
     allocation_failure,
+    first_tensor_record,
+    flip_byte_in_record,
+    opener_denying,
     opener_onto_full_disk,
     save_onto_full_disk,
 )
@@ -607,19 +610,6 @@ def test_stray_bytes_after_archive_counted(nb, tmp_path):
     with open(archive, "r+b") as file:     # the fix that the message gives
         file.truncate(len(whole))
     assert torch.equal(nb.load_mnist(tmp_path, download=False).test_labels, expected.test_labels)
-
-
-def opener_denying(denied, real_open):
-    """Wrap `real_open` so that opening the file `denied` fails as without read permission.
-
-    A chmod would deny nothing to root, who may run the tests.
-    """
-    def opener(path, *args, **kwargs):
-        if Path(path) == denied:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    return opener
 
 
 def test_cut_mnist_archive_named_offline(nb, tmp_path):
@@ -1362,6 +1352,17 @@ def test_unreadable_checkpoint_names_file(tiny_run, content):
         tiny_run.train_cyclegan("run", 11, 2)
     assert str(checkpoint) in str(error.value)
     assert "FORCE_RETRAIN" in str(error.value)
+
+
+def test_flipped_checkpoint_bit_rejected(tiny_run):
+    tiny_run.train_cyclegan("run", 11, 2)
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    record = first_tensor_record(checkpoint)
+    flip_byte_in_record(checkpoint, record)
+    with pytest.raises(ValueError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert str(error.value).startswith(f"checkpoint {checkpoint} is damaged: its record {record} fails its CRC-32 "
+                                       f"check")
 
 
 def test_memory_error_on_load_is_not_corruption(tiny_run, monkeypatch):
