@@ -1661,9 +1661,13 @@ def matplotlib_image(path):
 
 def test_notebook_smoke_run_end_to_end(run_notebook, tmp_path):
     write_tiny_corpus(tmp_path / "data" / "ptb")
+    with open(tmp_path / "data" / "ptb" / "ptb.test.txt", "a") as file:
+        file.write(" w1 never-trained w2 unseen \n")
     report = run_notebook(NOTEBOOK, PROFILE="smoke", DATA_DIR=tmp_path / "data", DOWNLOAD=0)
     results = json.loads((report / "results" / "part1_smoke.json").read_text())
     assert results["profile"] == "smoke"
+    assert results["data"]["outside_vocabulary"] == {"train": 0, "valid": 0, "test": 2}
+    assert results["headline"]["test tokens outside the vocabulary"] == 2
     assert results["data"]["checksums_match"] == {"ptb.train.txt": False, "ptb.valid.txt": False,
                                                   "ptb.test.txt": False}
     models = results["metrics"]["models"]
