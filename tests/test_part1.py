@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tools.nbdefs import load_definitions
+from tools.run_notebooks import NotebookFailed
 
 NOTEBOOK = "part1_lstm.ipynb"
 
@@ -1264,6 +1265,17 @@ def test_checkpoint_with_other_settings_is_rejected(part1, tmp_path):
     assert len(list(tmp_path.glob("model.pt.*.old"))) == 1, "FORCE_RETRAIN keeps the replaced checkpoint"
 
 
+@pytest.mark.parametrize("changes", [{"EVAL_EVERY": 3}, {"VALID_TOKENS_DURING_TRAINING": 20}])
+def test_checkpoint_with_other_history_rejected(part1, tmp_path, changes):
+    """The history in a checkpoint was scored every EVAL_EVERY steps on VALID_TOKENS_DURING_TRAINING tokens."""
+    run_training(part1, tmp_path / "model.pt", train_settings(part1))
+    with pytest.raises(ValueError) as error:
+        run_training(part1, tmp_path / "model.pt", train_settings(part1, **changes))
+    [(name, value)] = changes.items()
+    saved = train_settings(part1)[name]
+    assert f"was written with other settings (saved, now): {{{name!r}: ({saved!r}, {value!r})}}" in str(error.value)
+
+
 def test_checkpoint_in_other_precision_is_rejected(part1, tmp_path):
     """A model must not finish training in another precision than it started in."""
     run_training(part1, tmp_path / "model.pt", train_settings(part1, TRAIN_STEPS=6), stop_after=4)
@@ -1799,6 +1811,20 @@ def test_data_dir_file_rejected(repo_root, tmp_path):
         load_definitions(repo_root / NOTEBOOK, env={"PROFILE": "smoke", "DATA_DIR": str(tmp_path / "data")})
     assert str(error.value) == (f"DATA_DIR={str(tmp_path / 'data')!r} is invalid: it must be a folder, not a file, "
                                 f'e.g. DATA_DIR="data"')
+
+
+def test_checkpoint_from_other_valid_file_rejected(repo_root, tmp_path, run_cells_until):
+    """A checkpoint's history was scored on the validation file, so another one must not extend it."""
+    folder = tmp_path / "data" / "ptb"
+    write_tiny_corpus(folder)
+    settings = {"PROFILE": "smoke", "DATA_DIR": str(tmp_path / "data"), "DOWNLOAD": "0", "MIXED_PRECISION": "0"}
+    run_cells_until(repo_root / NOTEBOOK, 'train_named("MyLSTM")', "", settings)
+    valid = folder / "ptb.valid.txt"
+    valid.write_text(valid.read_text().replace(" w1 ", " w2 "))
+    with pytest.raises(NotebookFailed) as error:
+        run_cells_until(repo_root / NOTEBOOK, 'train_named("MyLSTM")', "", settings)
+    assert "was trained on other data" in str(error.value)
+    assert "'valid_sha256'" in str(error.value)
 
 
 def test_data_cell_downloads_in_kernel(repo_root, real_data, tmp_path, serve_folder, run_cells_until):
