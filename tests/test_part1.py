@@ -11,6 +11,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -1400,6 +1401,50 @@ def test_unreadable_checkpoint_not_called_damaged(part1, tmp_path, monkeypatch):
     assert str(error.value).startswith(f"cannot read checkpoint {path} (Permission denied). Make it readable to "
                                        f"reuse it, or set FORCE_RETRAIN=True")
     assert "delete" not in str(error.value)
+
+
+def run_in_thread(function, *args):
+    """Start `function(*args)` in a thread; return the thread and a dict that receives its result or error."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_checkpoint_write_waits_for_lock(part1, tmp_path):
+    """Runs that share CHECKPOINT_DIR take turns, so neither renames the other's half-written temporary file."""
+    path = tmp_path / "model.pt"
+    with part1.locked_folder(tmp_path):        # another file descriptor: flock blocks within one process too
+        writer, outcome = run_in_thread(part1.save_checkpoint, path, {"step": 1})
+        writer.join(timeout=1)
+        assert writer.is_alive(), "the write did not wait for the lock"
+        assert not path.exists()
+    writer.join(timeout=60)
+    assert outcome == {"result": None}
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_ptb_download_waits_for_lock(part1, tmp_path, monkeypatch, serve_folder):
+    """A run that finds the folder locked waits, then finds the file that the other run downloaded."""
+    folder = tmp_path / "ptb"
+    write_tiny_corpus(folder)
+    (folder / "ptb.test.txt").unlink()
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(tmp_path) + "/nowhere/{name}")   # a download would fail
+    with part1.locked_folder(folder):
+        reader, outcome = run_in_thread(part1.ensure_ptb, folder, True)
+        reader.join(timeout=1)
+        assert reader.is_alive(), "the download did not wait for the lock"
+        (folder / "ptb.test.txt").write_text(" the other run's download \n")
+    reader.join(timeout=60)
+    paths, _ = outcome["result"]
+    assert paths["test"].read_text() == " the other run's download \n"
 
 
 class MakeFolderOnLoad:

@@ -34,6 +34,7 @@ from test_part1 import (
     flip_byte_in_record,
     opener_denying,
     opener_onto_full_disk,
+    run_in_thread,
     save_onto_full_disk,
 )
 
@@ -1363,6 +1364,18 @@ def test_flipped_checkpoint_bit_rejected(tiny_run):
         tiny_run.train_cyclegan("run", 11, 2)
     assert str(error.value).startswith(f"checkpoint {checkpoint} is damaged: its record {record} fails its CRC-32 "
                                        f"check")
+
+
+def test_checkpoint_write_waits_for_lock(nb, tmp_path):
+    path = tmp_path / "run.pt"
+    with nb.locked_folder(tmp_path):
+        writer, outcome = run_in_thread(nb.save_checkpoint, path, {"config": {}})
+        writer.join(timeout=1)
+        assert writer.is_alive(), "the write did not wait for the lock"
+        assert not path.exists()
+    writer.join(timeout=60)
+    assert outcome == {"result": None}
+    assert torch.load(path, weights_only=True) == {"config": {}}
 
 
 def test_memory_error_on_load_is_not_corruption(tiny_run, monkeypatch):
