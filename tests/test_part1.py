@@ -1825,6 +1825,44 @@ def test_model_too_large_names_sizes(part1, monkeypatch, message, expected):
         assert str(error.value) == "another error", "other errors pass through unchanged"
 
 
+def test_string_dropout_asks_for_number(part1):
+    with pytest.raises(ValueError) as error:
+        part1.validate_settings({**part1.SETTINGS, "DROPOUT": "0.1"})
+    assert str(error.value) == ("DROPOUT='0.1' is invalid: it must be a number, at least 0 and below 1, "
+                                "e.g. DROPOUT=0.2")
+
+
+def test_overflowing_model_sizes_named(part1, monkeypatch):
+    """Sizes whose byte count does not fit in 64 bits make PyTorch raise "Storage size calculation overflowed"."""
+    monkeypatch.setattr(part1, "EMBED_SIZE", 2**62)
+    with pytest.raises(MemoryError) as error:
+        part1.build_model("MyLSTM", 10_000, 0)
+    assert str(error.value).startswith(f"building MyLSTM with EMBED_SIZE={2**62}, HIDDEN_SIZE={part1.HIDDEN_SIZE} "
+                                       f"and a vocabulary of 10,000 words needs more memory than is free (Storage "
+                                       f"size calculation overflowed")
+    assert str(error.value).endswith("lower the sizes")
+
+
+def test_ptb_folder_that_is_file_named(part1, tmp_path):
+    folder = tmp_path / "ptb"
+    folder.write_text("not a folder")
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(folder, download=True)
+    assert str(error.value) == (f"the Penn Treebank files go into {folder}, which is a file, not a folder. Move or "
+                                f"rename it, or point DATA_DIR at another folder")
+
+
+def test_unreadable_ptb_file_named(part1, tmp_path, monkeypatch):
+    folder = tmp_path / "ptb"
+    write_tiny_corpus(folder)
+    denied = folder / "ptb.valid.txt"
+    monkeypatch.setattr("builtins.open", opener_denying(denied, open))
+    with pytest.raises(OSError) as error:
+        part1.ensure_ptb(folder, download=False)
+    assert str(error.value) == (f"cannot read {denied} (Permission denied). Make it readable, or point DATA_DIR at "
+                                f"a folder whose ptb/ has readable copies")
+
+
 def test_ptb_reply_not_http_named(part1, tmp_path, monkeypatch, serve_garbage):
     url = serve_garbage + "/{name}"
     monkeypatch.setattr(part1, "PTB_URL", url)
