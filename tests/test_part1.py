@@ -1868,7 +1868,8 @@ def test_ptb_reply_not_http_named(part1, tmp_path, monkeypatch, serve_garbage):
     monkeypatch.setattr(part1, "PTB_URL", url)
     with pytest.raises(FileNotFoundError) as error:
         part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
-    assert str(error.value).startswith(f"could not download {url.format(name='ptb.train.txt')} (")
+    assert str(error.value).startswith(f"could not download {url.format(name='ptb.train.txt')} (this is not "
+                                       f"HTTP\\r\\n). ")
     assert not (tmp_path / "data").exists()
 
 

@@ -2000,7 +2000,7 @@ def test_svhn_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
     with pytest.raises(FileNotFoundError) as error:
         nb.svhn_file(tmp_path / "data", "train")
     assert str(error.value).startswith(f"SVHN file {tmp_path / 'data' / 'svhn' / 'train_32x32.mat'} is missing and "
-                                       f"the download from {url} failed (")
+                                       f"the download from {url} failed (this is not HTTP\\r\\n). ")
     assert not (tmp_path / "data").exists()
 
 
@@ -2009,6 +2009,7 @@ def test_mnist_reply_not_http_named(nb, tmp_path, monkeypatch, serve_garbage):
     with pytest.raises(FileNotFoundError) as error:
         nb.load_mnist(tmp_path / "data", download=True)
     assert "are missing in" in str(error.value)
+    assert "gz: this is not HTTP\\r\\n)" in str(error.value)
     assert not (tmp_path / "data").exists()
 
 
