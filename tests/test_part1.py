@@ -1863,6 +1863,26 @@ def test_unreadable_ptb_file_named(part1, tmp_path, monkeypatch):
                                 f"a folder whose ptb/ has readable copies")
 
 
+def test_ptb_download_stops_past_size(part1, tmp_path, monkeypatch, serve_folder):
+    """A reply longer than the file it should be is cut off there, so that an endless one cannot fill the disk."""
+    write_tiny_corpus(tmp_path / "server")
+    url = serve_folder(tmp_path / "server") + "/{name}"
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    monkeypatch.setitem(part1.PTB_SIZES, "ptb.train.txt", 100)
+    folder = tmp_path / "data" / "ptb"
+    with pytest.raises(ValueError) as error:
+        part1.ensure_ptb(folder, download=True)
+    assert str(error.value) == (f"{url.format(name='ptb.train.txt')} sent more than the 100 bytes of ptb.train.txt, "
+                                f"so it is not that file; the download was deleted. Try again later, or place a "
+                                f"verified copy of ptb.train.txt in {folder.resolve()}.")
+    assert not (tmp_path / "data").exists()
+
+
+def test_ptb_sizes_match_real_files(part1, real_data):
+    sizes = {name: (real_data / "ptb" / name).stat().st_size for name in part1.PTB_SIZES}
+    assert sizes == part1.PTB_SIZES
+
+
 def test_ptb_reply_not_http_named(part1, tmp_path, monkeypatch, serve_garbage):
     url = serve_garbage + "/{name}"
     monkeypatch.setattr(part1, "PTB_URL", url)
