@@ -2058,20 +2058,22 @@ def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
     assert nb.fetch_data() is None
 
 
-def compressed_uint8_variable(name, shape):
-    """A compressed .mat variable that declares a uint8 array of `shape` but contains only its first MiB of zeros.
+def compressed_uint8_variable(name, shape, stored_as=(2, 1)):
+    """A compressed .mat variable of class uint8 and `shape` that contains only its first MiB of zeros.
 
-    Reading it would allocate the whole array; listing it reads only the header. Unpacked in full, such
-    a variable would fill memory, as a zip bomb does.
+    `stored_as` is the data element's MAT type and bytes per value: (2, 1) is uint8, (9, 8) double. Reading
+    the variable would allocate the whole array; listing it reads only the header. Unpacked in full, such a
+    variable would fill memory, as a zip bomb does.
     """
-    size = math.prod(shape)
+    data_type, item_size = stored_as
+    size = math.prod(shape) * item_size
     body = (struct.pack("<4I", 6, 8, 9, 0)                                           # array flags: uint8
             + struct.pack("<2I", 5, 4 * len(shape)) + struct.pack(f"<{len(shape)}i", *shape)
             + bytes(-4 * len(shape) % 8)
             + struct.pack("<2H", 1, len(name)) + name.encode().ljust(4, b"\0")        # a name of up to 4 bytes
-            + struct.pack("<2I", 2, size))                                             # the data: uint8
+            + struct.pack("<2I", data_type, size))
     element = struct.pack("<2I", 14, len(body) + size + (-size % 8)) + body
-    stream = zlib.compress(element + bytes(min(size, 2**20)))
+    stream = zlib.compress(element + bytes(min(size + (-size % 8), 2**20)))
     return struct.pack("<2I", 15, len(stream)) + stream
 
 
@@ -2105,6 +2107,26 @@ def test_other_mat_variables_left_unread(nb, tmp_path):
               compressed_uint8_variable("Z", (1_000_000, 4096)))
     _, labels = nb.load_svhn_mat(path)
     assert labels.tolist() == [3, 0]
+
+
+def test_uint8_class_stored_as_double_rejected(nb, tmp_path):
+    """The class in a variable's header need not match how its data is stored, which sets the loaded dtype."""
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"y": np.ones((2, 1), np.uint8)}, compressed_uint8_variable("X", (32, 32, 3, 2), stored_as=(9, 8)))
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path}: X must be uint8 of shape (32, 32, 3, N), found float64 "
+                                       f"(32, 32, 3, 2);")
+
+
+def test_repeated_svhn_variable_rejected(nb, tmp_path):
+    """scipy lists the last variable of a name but reads the first, so a second X could pass unchecked."""
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)},
+              compressed_uint8_variable("X", (32, 32, 3, 2)))
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} has more than one variable named X;")
 
 
 def test_svhn_labels_in_cell_rejected(nb, tmp_path):
