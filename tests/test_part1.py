@@ -1277,6 +1277,34 @@ def test_checkpoint_with_other_history_rejected(part1, tmp_path, changes):
     assert f"was written with other settings (saved, now): {{{name!r}: ({saved!r}, {value!r})}}" in str(error.value)
 
 
+def test_checkpoint_before_history_settings_named(part1, tmp_path):
+    """A checkpoint from before EVAL_EVERY and VALID_TOKENS_DURING_TRAINING were recorded cannot be matched."""
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1))
+    state = torch.load(path, weights_only=True)
+    del state["settings"]["EVAL_EVERY"], state["settings"]["VALID_TOKENS_DURING_TRAINING"]
+    torch.save(state, path)
+    with pytest.raises(ValueError) as error:
+        run_training(part1, path, train_settings(part1))
+    assert str(error.value) == (f"checkpoint {path} was written by an earlier version of this notebook, which did "
+                                f"not record EVAL_EVERY, VALID_TOKENS_DURING_TRAINING, so it cannot be checked "
+                                f"against them; {part1.CHECKPOINT_RETRAIN}.")
+
+
+def test_checkpoint_before_valid_digest_named(part1, tmp_path):
+    torch.manual_seed(0)
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    settings = train_settings(part1)
+    batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
+    valid = torch.randint(17, (40,))
+    part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
+                      data_fingerprint={"train_sha256": "aa", "vocabulary": 17})
+    with pytest.raises(ValueError) as error:
+        part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
+                          data_fingerprint={"train_sha256": "aa", "vocabulary": 17, "valid_sha256": "cc"})
+    assert "which did not record the validation file's SHA-256, so it cannot be checked" in str(error.value)
+
+
 def test_checkpoint_in_other_precision_is_rejected(part1, tmp_path):
     """A model must not finish training in another precision than it started in."""
     run_training(part1, tmp_path / "model.pt", train_settings(part1, TRAIN_STEPS=6), stop_after=4)
