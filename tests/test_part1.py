@@ -1126,6 +1126,44 @@ def test_full_disk_keeps_earlier_results(part1, tmp_path):
     assert list(path.parent.iterdir()) == [path]
 
 
+@pytest.mark.parametrize("blocked", ["results.json", "results.json.partial"])
+def test_folder_in_way_of_report_file(part1, tmp_path, blocked):
+    path = tmp_path / "results.json"
+    (tmp_path / blocked).mkdir()
+    with pytest.raises(OSError) as error:
+        part1.write_report_file(path, lambda file: file.write(b"{}"))
+    assert str(error.value).startswith(f"writing {path} failed (Is a directory): {tmp_path / blocked} is in the "
+                                       f"way. Remove or rename it, or set REPORT_DIR to another folder. No earlier "
+                                       f"results.json exists")
+    assert sorted(child.name for child in tmp_path.iterdir()) == [blocked]
+
+
+def test_interrupt_in_report_write_passes(part1, tmp_path):
+    """A Ctrl-C while a writer handles an OSError is an interrupt, not a disk failure."""
+    def write(file):
+        file.write(b"{")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise KeyboardInterrupt from None
+
+    with pytest.raises(KeyboardInterrupt):
+        part1.write_report_file(tmp_path / "results.json", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_write_waits_for_lock(part1, tmp_path):
+    path = tmp_path / "results.json"
+    with part1.locked_folder(tmp_path):
+        writer, outcome = run_in_thread(part1.write_report_file, path, lambda file: file.write(b"{}"))
+        writer.join(timeout=1)
+        assert writer.is_alive(), "the write did not wait for the lock"
+        assert not path.exists()
+    writer.join(timeout=60)
+    assert outcome == {"result": None}
+    assert path.read_bytes() == b"{}"
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
 @pytest.mark.parametrize("suffix", [".png.partial", ".pdf.partial"])
 def test_full_disk_keeps_earlier_figure(part1, tmp_path, monkeypatch, suffix):
@@ -1404,6 +1442,21 @@ def test_flipped_checkpoint_bit_rejected(part1, tmp_path):
         run_training(part1, path, train_settings(part1))
     assert str(error.value).startswith(f"checkpoint {path} is damaged: its record {record} fails its CRC-32 check")
     assert "FORCE_RETRAIN" in str(error.value)
+
+
+def test_checkpoint_without_checksums_loads(part1, tmp_path):
+    """torch.save writes a CRC-32 of 0 for every record when its CRC option is off; such a file is not damaged."""
+    path = tmp_path / "model.pt"
+    trained, _ = run_training(part1, path, train_settings(part1))
+    state = torch.load(path, weights_only=True)
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    loaded, _ = run_training(part1, path, train_settings(part1), seed=7)
+    for a, b in zip(trained.parameters(), loaded.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_nan_checkpoint_weights_rejected(part1, tmp_path):
@@ -1869,6 +1922,15 @@ def test_overflowing_model_sizes_named(part1, monkeypatch):
                                        f"and a vocabulary of 10,000 words needs more memory than is free (Storage "
                                        f"size calculation overflowed")
     assert str(error.value).endswith("lower the sizes")
+
+
+def test_sizes_past_64_bits_named(part1, monkeypatch):
+    """A size that does not fit in a C long long makes PyTorch raise TypeError "Overflow when unpacking"."""
+    monkeypatch.setattr(part1, "HIDDEN_SIZE", 2**63)
+    with pytest.raises(MemoryError) as error:
+        part1.build_model("MyLSTM", 10_000, 0)
+    assert f"HIDDEN_SIZE={2**63}" in str(error.value)
+    assert "Overflow when unpacking long long" in str(error.value)
 
 
 def test_ptb_folder_that_is_file_named(part1, tmp_path):
