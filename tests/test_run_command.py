@@ -88,6 +88,31 @@ def printed_text(executed_path):
     return nbformat.read(executed_path, as_version=4).cells[0].outputs[0]["text"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+def test_full_disk_keeps_executed_copy(tmp_path, monkeypatch):
+    """A rerun that cannot write its executed copy leaves the copy of the earlier run whole."""
+    output = tmp_path / "tiny.executed.ipynb"
+    run_notebooks.execute_notebook(write_tiny_notebook(tmp_path / "tiny.ipynb", "first"), output,
+                                   log=lambda *args, **kwargs: None)
+    real_write = nbformat.write
+
+    def write_onto_full_disk(notebook, path):
+        real_write(notebook, path)                    # the file is written, then the disk fills
+        with open("/dev/full", "wb") as full:
+            full.write(b"{}")
+
+    second = write_tiny_notebook(tmp_path / "tiny.ipynb", "second")
+    monkeypatch.setattr(run_notebooks.nbformat, "write", write_onto_full_disk)
+    messages = []
+    run_notebooks.execute_notebook(second, output,
+                                   log=lambda *args, **kwargs: messages.append(" ".join(map(str, args))))
+    monkeypatch.undo()
+    assert printed_text(output) == "first\n"
+    assert any(f"could not write the executed copy to {output}: [Errno 28] No space left on device. A copy "
+               f"already there is unchanged" in message for message in messages)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.executed.ipynb", "tiny.ipynb"]
+
+
 @pytest.mark.skipif(os.name != "posix", reason="Unix domain sockets exist only on POSIX systems")
 def test_kernel_runs_without_tcp_warning(tmp_path, capfd, monkeypatch):
     """The kernel communicates over Unix domain sockets from any working directory and leaves no socket files."""

@@ -178,6 +178,22 @@ def failed_copy_path(output_path: str | os.PathLike) -> Path:
     return output_path.with_name(f"{output_path.stem}.failed{output_path.suffix}")
 
 
+def write_notebook(notebook: nbformat.NotebookNode, path: Path) -> None:
+    """Write `notebook` to `path` through a temporary file, so that a failed write (a full disk) leaves the
+    copy of an earlier run at `path` as it was."""
+    partial = path.with_name(f"{path.name}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        nbformat.write(notebook, partial)
+        os.replace(partial, path)
+    except BaseException:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
 def resume_advice(env: dict[str, str]) -> str:
     """Return the advice for resuming an interrupted run, which must drop FORCE_RETRAIN if it was set."""
     force = env.get("FORCE_RETRAIN", os.environ.get("FORCE_RETRAIN", ""))
@@ -270,10 +286,10 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
         # An interrupted or failed run must not replace the copy of the last run that finished.
         written = output_path if finished else failed_copy_path(output_path)
         try:
-            written.parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(notebook, written)
+            write_notebook(notebook, Path(written))
         except OSError as error:
-            log(f"[{notebook_path.name}] could not write the executed copy to {written}: {error}")
+            log(f"[{notebook_path.name}] could not write the executed copy to {written}: {error}. A copy "
+                f"already there is unchanged")
             written = None
         if not finished and failure is None and written is not None:   # interrupted, e.g. by Ctrl-C
             log(f"[{notebook_path.name}] interrupted; executed copy so far: {written}")
