@@ -887,6 +887,18 @@ def test_ptb_name_not_a_file(part1, tmp_path, kind):
     assert str(error.value).startswith(f"{path}: not a file (a folder or a broken link). Replace it with the")
 
 
+@pytest.mark.parametrize("ending", [b"\r\n", b"\r"])
+def test_real_ptb_other_line_endings_match(part1, real_data, tmp_path, ending):
+    """A copy with Windows or classic Mac line endings has the same tokens, so it counts as the reference."""
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    for name in part1.PTB_SHA256:
+        (folder / name).write_bytes((real_data / "ptb" / name).read_bytes().replace(b"\n", ending))
+    _, checksums_match = part1.ensure_ptb(folder, download=False)
+    assert checksums_match == dict.fromkeys(part1.PTB_SHA256, True)
+    assert part1.read_words(folder / "ptb.valid.txt") == part1.read_words(real_data / "ptb" / "ptb.valid.txt")
+
+
 def test_real_ptb_token_counts(part1, real_data):
     paths, checksums_match = part1.ensure_ptb(real_data / "ptb", download=False)
     assert all(checksums_match.values())
