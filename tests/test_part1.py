@@ -1441,6 +1441,7 @@ def flip_byte_in_record(path, record):
 
 
 def first_tensor_record(path):
+    """Return the name of the first tensor's record in the checkpoint zip file `path`."""
     with zipfile.ZipFile(path) as archive:
         return sorted(name for name in archive.namelist() if "/data/" in name)[0]
 
@@ -1457,7 +1458,7 @@ def test_flipped_checkpoint_bit_rejected(part1, tmp_path):
 
 
 def test_checkpoint_without_checksums_loads(part1, tmp_path):
-    """torch.save writes a CRC-32 of 0 for every record when its CRC option is off; such a file is not damaged."""
+    """torch.save writes a CRC-32 of 0 for every record when its CRC option is off, and such a file is sound."""
     path = tmp_path / "model.pt"
     trained, _ = run_training(part1, path, train_settings(part1))
     state = torch.load(path, weights_only=True)
@@ -1497,7 +1498,7 @@ def test_unreadable_checkpoint_not_called_damaged(part1, tmp_path, monkeypatch):
 
 
 def run_in_thread(function, *args):
-    """Start `function(*args)` in a thread; return the thread and a dict that receives its result or error."""
+    """Start `function(*args)` in a thread and return the thread and a dict that receives its result or error."""
     outcome = {}
 
     def target():
@@ -1514,7 +1515,7 @@ def run_in_thread(function, *args):
 def test_checkpoint_write_waits_for_lock(part1, tmp_path):
     """Runs that share CHECKPOINT_DIR take turns, so neither renames the other's half-written temporary file."""
     path = tmp_path / "model.pt"
-    with part1.locked_folder(tmp_path):        # another file descriptor: flock blocks within one process too
+    with part1.locked_folder(tmp_path):        # a second descriptor, which flock blocks even in one process
         writer, outcome = run_in_thread(part1.save_checkpoint, path, {"step": 1})
         writer.join(timeout=1)
         assert writer.is_alive(), "the write did not wait for the lock"
