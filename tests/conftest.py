@@ -93,11 +93,24 @@ def run_cells_until(tmp_path):
 
 class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
     stall_after = None     # bytes of each file to send before going silent; None sends whole files
+    trickle_every = None   # seconds to wait after each byte; None sends files at full speed
+    user_agents = None     # a list that collects the User-Agent header of each request
 
     def log_message(self, format, *args):
         pass
 
+    def send_head(self):
+        self.user_agents.append(self.headers.get("User-Agent"))
+        return super().send_head()
+
     def copyfile(self, source, outputfile):
+        if self.trickle_every is not None:
+            with contextlib.suppress(OSError):     # the client gives up
+                while byte := source.read(1):
+                    outputfile.write(byte)
+                    outputfile.flush()
+                    time.sleep(self.trickle_every)
+            return
         if self.stall_after is None:
             super().copyfile(source, outputfile)
             return
@@ -111,20 +124,25 @@ def serve_folder(monkeypatch):
     """Serve a folder over HTTP on 127.0.0.1, as a stand-in for a data set's server; return its base URL.
 
     The server is this test's own, on a free port, and stops when the test ends. With `stall_after`,
-    it sends that many bytes of each file and then nothing more, as a stalled server does.
+    it sends that many bytes of each file and then nothing more, as a stalled server does. With
+    `trickle_every`, it sends one byte at a time, that many seconds apart. The User-Agent header of
+    each request goes into the list `serve.user_agents`.
     """
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(name, "127.0.0.1")
     servers = []
 
-    def serve(folder: Path, stall_after: int | None = None) -> str:
-        handler_class = type("FileHandler", (QuietFileHandler,), {"stall_after": stall_after})
+    def serve(folder: Path, stall_after: int | None = None, trickle_every: float | None = None) -> str:
+        handler_class = type("FileHandler", (QuietFileHandler,), {"stall_after": stall_after,
+                                                                  "trickle_every": trickle_every,
+                                                                  "user_agents": serve.user_agents})
         handler = functools.partial(handler_class, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
 
+    serve.user_agents = []
     yield serve
     for server in servers:
         server.shutdown()

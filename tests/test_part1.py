@@ -832,6 +832,20 @@ def test_stalled_download_times_out(part1, tmp_path, monkeypatch, serve_folder):
     assert not (tmp_path / "data").exists()
 
 
+def test_trickled_download_times_out(part1, tmp_path, monkeypatch, serve_folder):
+    """A server that sends a byte every 50 ms never lets the socket's timeout expire, but falls below the rate."""
+    write_tiny_corpus(tmp_path / "server")
+    url = serve_folder(tmp_path / "server", trickle_every=0.05) + "/{name}"
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    monkeypatch.setattr(part1, "DOWNLOAD_TIMEOUT_S", 1)
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
+    assert re.match(rf"could not download {re.escape(url.format(name='ptb.train.txt'))} \(\d+ bytes arrived in the "
+                    rf"last 1 s, fewer than DOWNLOAD_MIN_RATE \(10,000 bytes per second\) allows\)\. ",
+                    str(error.value))
+    assert not (tmp_path / "data").exists()
+
+
 def test_data_folder_link_to_nowhere_named(part1, tmp_path):
     (tmp_path / "data").symlink_to(tmp_path / "moved")
     with pytest.raises(FileNotFoundError) as error:

@@ -501,7 +501,7 @@ def test_svhn_missing_offline_names_files_and_fallback(nb, tmp_path, monkeypatch
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", offline)
+    monkeypatch.setattr(nb, "download_checked", offline)
     with pytest.raises(FileNotFoundError) as error:
         nb.load_svhn(tmp_path)
     message = str(error.value)
@@ -516,7 +516,7 @@ def test_download_off_names_missing_files(nb, tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("DOWNLOAD=False must not download")
 
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", no_download)
+    monkeypatch.setattr(nb, "download_checked", no_download)
     with pytest.raises(FileNotFoundError) as error:
         nb.load_svhn(tmp_path, download=False)
     assert f"SVHN file {tmp_path / 'svhn' / 'train_32x32.mat'} is missing and DOWNLOAD is False." in str(error.value)
@@ -541,7 +541,7 @@ def test_mnist_archives_unpack_without_download(nb, tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("DOWNLOAD=False must not download")
 
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", no_download)
+    monkeypatch.setattr(nb, "download_checked", no_download)
     write_tiny_data(tmp_path, train=12, test=6)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     expected = nb.load_mnist(tmp_path, download=False)
@@ -774,7 +774,7 @@ def serve_svhn_files(nb, server, monkeypatch, serve_folder, corrupt_md5=False):
 
 
 def test_svhn_download_checked_and_loaded(nb, tmp_path, monkeypatch, serve_folder):
-    """torchvision's real download and MD5 check, from a local HTTP server in place of SVHN's."""
+    """The real download and MD5 check, from a local HTTP server in place of SVHN's."""
     serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
     expected = nb.load_svhn(tmp_path / "server", download=False)
     svhn = nb.load_svhn(tmp_path / "data", download=True)
@@ -795,8 +795,41 @@ def test_svhn_download_wrong_md5_removed(nb, tmp_path, monkeypatch, serve_folder
     assert not (tmp_path / "data" / "svhn").exists()
 
 
+def test_svhn_reply_longer_than_file_rejected(nb, tmp_path, monkeypatch, serve_folder):
+    """A reply longer than the file it should be is cut off there, so that an endless one cannot fill the disk."""
+    sources = serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
+    monkeypatch.setitem(nb.DOWNLOAD_SIZES, "train_32x32.mat", 100)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path / "data", "train")
+    assert str(error.value).startswith(f"SVHN file {tmp_path / 'data' / 'svhn' / 'train_32x32.mat'} is missing and "
+                                       f"the download from {sources['train'][0]} failed (the reply is longer than "
+                                       f"the 100 bytes of the file, so it is not that file). ")
+    assert not (tmp_path / "data").exists()
+
+
+def test_trickled_svhn_download_times_out(nb, tmp_path, monkeypatch, serve_folder):
+    """A server that sends a byte every 50 ms never lets the socket's timeout expire, but falls below the rate."""
+    sources = serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
+    trickling = serve_folder(tmp_path / "server" / "svhn", trickle_every=0.05) + "/train_32x32.mat"
+    monkeypatch.setitem(nb.SVHN_SOURCES, "train", (trickling, *sources["train"][1:]))
+    monkeypatch.setattr(nb, "DOWNLOAD_TIMEOUT_S", 1)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path / "data", "train")
+    assert re.search(r"failed \(\d+ bytes arrived in the last 1 s, fewer than DOWNLOAD_MIN_RATE \(10,000 bytes per "
+                     r"second\) allows\)\. ", str(error.value))
+    assert not (tmp_path / "data").exists()
+
+
+def test_long_download_prints_progress(nb, tmp_path, monkeypatch, serve_folder, capsys):
+    """With no interval, each piece that arrives prints a line; the last gives the whole file and SVHN's size."""
+    serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
+    monkeypatch.setattr(nb, "DOWNLOAD_PROGRESS_S", 0)
+    path = nb.svhn_file(tmp_path / "data", "train")
+    assert capsys.readouterr().out.splitlines()[-1] == f"  {path.stat().st_size / 2**20:,.1f} MiB of 173.6 MiB"
+
+
 def forbidden_download(url, *args, **kwargs):
-    """Stand in for torchvision's download_url where a test must fail, not reach a real server, if one is tried."""
+    """Stand in for download_checked where a test must fail, not reach a real server, if one is tried."""
     raise AssertionError(f"no download may be tried here, but {url} was")
 
 
@@ -816,11 +849,18 @@ def serve_mnist_archives(nb, root, monkeypatch, serve_folder, train=12, test=6):
 
 
 def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
-    """torchvision's real MNIST download, MD5 check and unpacking, from a local HTTP mirror of tiny archives."""
+    """The real MNIST download, MD5 check and unpacking, from a local HTTP mirror of tiny archives."""
     expected, _ = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
     mnist = nb.load_mnist(tmp_path / "data", download=True)
     assert torch.equal(mnist.train_images, expected.train_images)
     assert torch.equal(mnist.test_labels, expected.test_labels)
+
+
+def test_mnist_download_sends_torchvision_agent(nb, tmp_path, monkeypatch, serve_folder):
+    """The requests name torchvision as their User-Agent, as torchvision's own downloads do."""
+    serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    nb.load_mnist(tmp_path / "data", download=True)
+    assert serve_folder.user_agents == [nb.torchvision.datasets.utils.USER_AGENT] * 4
 
 
 def test_interrupted_svhn_download_leaves_nothing(nb, tmp_path, monkeypatch, serve_folder):
@@ -852,7 +892,7 @@ def test_rejected_mnist_archive_removed(nb, tmp_path, monkeypatch, serve_folder)
         nb.load_mnist(tmp_path / "data", download=True)
     served_md5 = hashlib.md5((served / "train-images-idx3-ubyte.gz").read_bytes()).hexdigest()
     assert "train-images-idx3-ubyte.gz: the downloaded file (" in str(error.value)
-    assert f"has MD5 {served_md5}, but MNIST's has {'0' * 32}" in str(error.value)
+    assert f"has MD5 {served_md5}, not the {'0' * 32} of the original" in str(error.value)
     assert not (tmp_path / "data").exists()
 
 
@@ -976,7 +1016,7 @@ def test_unreadable_mnist_file_named(nb, tmp_path, monkeypatch):
 
 
 def test_unwritable_mnist_folder_not_downloaded(nb, tmp_path, monkeypatch):
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", forbidden_download)
+    monkeypatch.setattr(nb, "download_checked", forbidden_download)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     # A folder where the write check's file goes makes writing fail even as root, which a chmod does not do.
     (raw / ".write-check").mkdir(parents=True)
@@ -988,7 +1028,7 @@ def test_unwritable_mnist_folder_not_downloaded(nb, tmp_path, monkeypatch):
 
 
 def test_mnist_folder_is_file_named(nb, tmp_path, monkeypatch):
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", forbidden_download)
+    monkeypatch.setattr(nb, "download_checked", forbidden_download)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     raw.parent.mkdir(parents=True)
     raw.write_text("not a folder")
@@ -999,7 +1039,7 @@ def test_mnist_folder_is_file_named(nb, tmp_path, monkeypatch):
 
 
 def test_mnist_folder_at_name_named(nb, tmp_path, monkeypatch):
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", forbidden_download)
+    monkeypatch.setattr(nb, "download_checked", forbidden_download)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     (raw / "train-labels-idx1-ubyte").mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as error:
@@ -1021,12 +1061,11 @@ def test_svhn_link_to_nowhere_not_followed(nb, tmp_path):
 
 
 def test_failed_svhn_download_leaves_no_folder(nb, tmp_path, monkeypatch):
-    def partial_then_offline(url, root, filename, md5):
-        Path(root).mkdir(parents=True, exist_ok=True)
-        (Path(root) / filename).write_bytes(b"partial")
+    def partial_then_offline(url, path, max_bytes, md5):
+        path.write_bytes(b"partial")
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", partial_then_offline)
+    monkeypatch.setattr(nb, "download_checked", partial_then_offline)
     with pytest.raises(FileNotFoundError):
         nb.load_svhn(tmp_path / "data")
     assert not (tmp_path / "data").exists(), "a failed download must not leave folders or files behind"
@@ -1898,7 +1937,7 @@ def test_killed_svhn_download_leaves_part_file(nb, repo_root, tmp_path, monkeypa
     served.parent.mkdir()
     served.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
     md5 = hashlib.md5(served.read_bytes()).hexdigest()
-    # torchvision writes 32 KiB chunks, so the server sends several before it stalls.
+    # The download writes what arrives as it arrives, so the server's bytes reach the disk before it stalls.
     stalling_url = serve_folder(served.parent, stall_after=100_000) + "/train_32x32.mat"
     data = tmp_path / "data"
     process = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD_SCRIPT, stalling_url, md5, str(data)],
@@ -1931,8 +1970,8 @@ nb.load_mnist(sys.argv[3], download=True)
 
 def test_killed_mnist_download_leaves_part_file(nb, repo_root, tmp_path, monkeypatch, serve_folder):
     """A download killed outright runs no cleanup, so it leaves only a .part file, which the next download replaces."""
-    # Random pixels do not compress: the training images' archive is about 235 kB, and torchvision writes 32 KiB
-    # chunks, so several reach the disk before the server stalls.
+    # Random pixels do not compress: the training images' archive is about 235 kB, and the download writes what
+    # arrives as it arrives, so its first 100 kB reach the disk before the server stalls.
     expected, served = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder, train=300)
     resources = nb.torchvision.datasets.MNIST.resources
     stalling_mirror = serve_folder(served, stall_after=100_000) + "/"
@@ -2022,10 +2061,10 @@ def test_file_at_svhn_folder_named(nb, tmp_path):
 
 
 def test_svhn_unwritable_folder_named(nb, tmp_path, monkeypatch):
-    def rejected(url, root, filename, md5):
-        raise PermissionError(errno.EACCES, "Permission denied", str(Path(root) / filename))
+    def rejected(url, path, max_bytes, md5):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(nb.torchvision.datasets.utils, "download_url", rejected)
+    monkeypatch.setattr(nb, "download_checked", rejected)
     with pytest.raises(FileNotFoundError) as error:
         nb.svhn_file(tmp_path / "data", "train")
     assert "because this process may not create or write to " \

@@ -701,7 +701,7 @@ def start_runner_with_stalled_svhn(tmp_path, serve_folder):
     served = tmp_path / "server" / "http:" / "ufldl.stanford.edu" / "housenumbers"
     served.mkdir(parents=True)
     (served / "train_32x32.mat").write_bytes(bytes(200_000))
-    proxy = serve_folder(tmp_path / "server", stall_after=100_000)    # torchvision writes 32 KiB chunks
+    proxy = serve_folder(tmp_path / "server", stall_after=100_000)
     data = tiny_data_without_svhn(tmp_path / "data")
     env = {**os.environ, "http_proxy": proxy, "HTTP_PROXY": proxy, "PYTHONPATH": str(run_notebooks.REPO_ROOT)}
     run = subprocess.Popen([sys.executable, "-m", "tools.run_notebooks", "--profile", "smoke", "--data-dir", str(data),
