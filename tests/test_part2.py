@@ -2097,15 +2097,16 @@ def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
     assert nb.fetch_data() is None
 
 
-def compressed_uint8_variable(name, shape, stored_as=(2, 1)):
+def compressed_uint8_variable(name, shape, stored_as=(2, 1), size=None):
     """A compressed .mat variable of class uint8 and `shape` that contains only its first MiB of zeros.
 
-    `stored_as` is the data element's MAT type and bytes per value: (2, 1) is uint8, (9, 8) double. Reading
-    the variable would allocate the whole array; listing it reads only the header. Unpacked in full, such a
-    variable would fill memory, as a zip bomb does.
+    `stored_as` is the data element's MAT type and bytes per value: (2, 1) is uint8, (9, 8) double. The
+    data element declares `size` bytes, by default those that the shape needs. Reading the variable would
+    allocate them all; listing it reads only the header. Unpacked in full, such a variable would fill
+    memory, as a zip bomb does.
     """
     data_type, item_size = stored_as
-    size = math.prod(shape) * item_size
+    size = math.prod(shape) * item_size if size is None else size
     body = (struct.pack("<4I", 6, 8, 9, 0)                                           # array flags: uint8
             + struct.pack("<2I", 5, 4 * len(shape)) + struct.pack(f"<{len(shape)}i", *shape)
             + bytes(-4 * len(shape) % 8)
@@ -2136,6 +2137,51 @@ def test_oversized_svhn_file_left_unread(nb, tmp_path, monkeypatch):
         nb.load_svhn_mat(path)
     assert str(error.value).startswith(f"{path} declares 1,000,000 images (2,929.7 MiB), more than SVHN's train "
                                        f"file contains (73,257), so it was not read;")
+
+
+def test_svhn_data_larger_than_shape_left_unread(nb, tmp_path, monkeypatch):
+    """A variable whose data declares more bytes than its shape needs is rejected before scipy reads them, which
+    would unpack them all: 1 GiB for a 1 MB file of such zeros."""
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"y": np.ones((2, 1), np.uint8)}, compressed_uint8_variable("X", (32, 32, 3, 2), size=2**30))
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the arrays must not be read")
+
+    monkeypatch.setattr(nb.scipy.io, "loadmat", no_read)
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path}: the data of X takes 1,073,741,824 bytes, not the 6,144 that its "
+                                       f"shape (32, 32, 3, 2) needs at 1 byte per value, so it was not read;")
+
+
+def big_endian_mat(path, variables, compress):
+    """Write uint8 arrays as a big-endian MAT v5 file, as MATLAB on a big-endian machine does, which scipy
+    cannot write."""
+    elements = b""
+    for name, array in variables.items():
+        data = array.tobytes(order="F")                                          # MATLAB stores columns first
+        body = (struct.pack(">4I", 6, 8, 9, 0)                                   # array flags: uint8
+                + struct.pack(">2I", 5, 4 * array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+                + bytes(-4 * array.ndim % 8)
+                + struct.pack(">2I", 1, len(name)) + name.encode().ljust(8, b"\0")   # a name of up to 8 bytes
+                + struct.pack(">2I", 2, len(data)) + data + bytes(-len(data) % 8))
+        element = struct.pack(">2I", 14, len(body)) + body
+        if compress:
+            element = struct.pack(">2I", 15, len(packed := zlib.compress(element))) + packed
+        elements += element
+    path.write_bytes(b"MATLAB 5.0 MAT-file".ljust(116) + bytes(8) + struct.pack(">H", 0x0100) + b"MI" + elements)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_big_endian_svhn_file_loads(nb, tmp_path, compress):
+    path = tmp_path / "train_32x32.mat"
+    images = np.random.default_rng(0).integers(0, 256, (32, 32, 3, 2), dtype=np.uint8)
+    big_endian_mat(path, {"labels": np.ones((3, 1), np.uint8), "X": images,
+                          "y": np.array([[10], [4]], np.uint8)}, compress)
+    loaded, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [0, 4]
+    assert torch.equal(loaded, torch.from_numpy(images.transpose(3, 2, 0, 1).copy()))
 
 
 def test_other_mat_variables_left_unread(nb, tmp_path):
