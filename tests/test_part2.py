@@ -2155,6 +2155,59 @@ def test_svhn_data_larger_than_shape_left_unread(nb, tmp_path, monkeypatch):
                                        f"shape (32, 32, 3, 2) needs at 1 byte per value, so it was not read;")
 
 
+def assert_left_unread(nb, path, monkeypatch, message):
+    """Assert that load_svhn_mat rejects the file `path` with an error that starts with `message`, before
+    scipy reads its arrays."""
+    def no_read(*args, **kwargs):
+        raise AssertionError("the arrays must not be read")
+
+    monkeypatch.setattr(nb.scipy.io, "loadmat", no_read)
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("mark", [b"\x01\x01IM", b"\x01\x00ZZ"])
+def test_odd_mat_header_still_checked(nb, tmp_path, monkeypatch, mark):
+    """scipy reads a file as MAT v5 with another minor version, and as big-endian with any byte-order mark but
+    IM, so the size check reads the file the same way."""
+    path = tmp_path / "train_32x32.mat"
+    order = "<" if mark.endswith(b"IM") else ">"
+    y = struct.pack(order + "4I", 6, 8, 9, 0) + struct.pack(order + "2I", 5, 8) + struct.pack(order + "2i", 2, 1)
+    y += struct.pack(order + "2H", 1, 1) + b"y\0\0\0" + struct.pack(order + "2I", 2, 2) + bytes([1, 1]).ljust(8, b"\0")
+    x = (struct.pack(order + "4I", 6, 8, 9, 0) + struct.pack(order + "2I", 5, 16)
+         + struct.pack(order + "4i", 32, 32, 3, 2) + struct.pack(order + "2H", 1, 1) + b"X\0\0\0"
+         + struct.pack(order + "2I", 2, 2**30))
+    x_stream = zlib.compress(struct.pack(order + "2I", 14, len(x) + 2**30) + x + bytes(2**20))
+    path.write_bytes(b"MATLAB 5.0 MAT-file".ljust(116) + bytes(8) + mark
+                     + struct.pack(order + "2I", 14, len(y)) + y
+                     + struct.pack(order + "2I", 15, len(x_stream)) + x_stream)
+    assert_left_unread(nb, path, monkeypatch, f"{path}: the data of X takes 1,073,741,824 bytes, not the 6,144")
+
+
+def test_array_flags_read_as_scipy_reads_them(nb, tmp_path, monkeypatch):
+    """scipy reads an array's flags as 8 bytes, whatever their tag declares. A tag that declares more must not
+    lead the check past the real header to a decoy one at the start of the data."""
+    path = tmp_path / "train_32x32.mat"
+    shape_and_name = (struct.pack("<2I", 5, 16) + struct.pack("<4i", 32, 32, 3, 2)
+                      + struct.pack("<2H", 1, 1) + b"X\0\0\0")
+    header = (struct.pack("<4I", 6, 8 + len(shape_and_name) + 8, 9, 0) + shape_and_name
+              + struct.pack("<2I", 2, 2**30))
+    decoy = shape_and_name + struct.pack("<2I", 2, 6144)
+    stream = zlib.compress(struct.pack("<2I", 14, len(header) + 2**30) + header + decoy + bytes(2**20))
+    write_mat(path, {"y": np.ones((2, 1), np.uint8)}, struct.pack("<2I", 15, len(stream)) + stream)
+    assert_left_unread(nb, path, monkeypatch, f"{path}: the data of X takes 1,073,741,824 bytes, not the 6,144")
+
+
+def test_mat_v4_of_unknown_type_named(nb, tmp_path):
+    """A file that scipy reads as MAT v4, with a type code it does not know, makes it raise KeyError."""
+    path = tmp_path / "train_32x32.mat"
+    path.write_bytes(struct.pack("<5i", 60, 1, 1, 0, 2) + b"X\0" + bytes(8))
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (KeyError:")
+
+
 def big_endian_mat(path, variables, compress):
     """Write uint8 arrays as a big-endian MAT v5 file, as MATLAB on a big-endian machine does, which scipy
     cannot write."""
@@ -2200,8 +2253,8 @@ def test_uint8_class_stored_as_double_rejected(nb, tmp_path):
     write_mat(path, {"y": np.ones((2, 1), np.uint8)}, compressed_uint8_variable("X", (32, 32, 3, 2), stored_as=(9, 8)))
     with pytest.raises(ValueError) as error:
         nb.load_svhn_mat(path)
-    assert str(error.value).startswith(f"{path}: X must be uint8 of shape (32, 32, 3, N), found float64 "
-                                       f"(32, 32, 3, 2);")
+    assert str(error.value).startswith(f"{path}: X must be uint8 of shape (32, 32, 3, N), found its data stored as "
+                                       f"MAT data type 9, not uint8 (2), so it was not read;")
 
 
 def test_repeated_svhn_variable_rejected(nb, tmp_path):
