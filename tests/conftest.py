@@ -181,6 +181,44 @@ def serve_garbage(monkeypatch):
     listener.close()
 
 
+@pytest.fixture
+def serve_raw(monkeypatch):
+    """Start servers on 127.0.0.1 that answer each request by calling `reply(connection, stopping)`; each call
+    of the fixture's function takes `reply` and returns the server's URL.
+
+    For replies that http.server cannot send: headers or trailers without end, or a body cut short. `reply`
+    should return once the threading.Event `stopping` is set, which happens when the test ends.
+    """
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    stopping = threading.Event()
+    listeners = []
+
+    def serve(reply) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        listeners.append(listener)
+
+        def answer():
+            while not stopping.is_set():
+                try:
+                    connection, _ = listener.accept()
+                except (TimeoutError, OSError):
+                    continue
+                with connection, contextlib.suppress(OSError):     # the client gives up
+                    connection.settimeout(5)
+                    connection.recv(65536)
+                    reply(connection, stopping)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield serve
+    stopping.set()
+    for listener in listeners:
+        listener.close()
+
+
 CPUINFO_TWO_PROCESSORS = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 25

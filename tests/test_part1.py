@@ -2010,6 +2010,31 @@ def test_ptb_reply_not_http_named(part1, tmp_path, monkeypatch, serve_garbage):
     assert not (tmp_path / "data").exists()
 
 
+def test_ptb_address_urllib_cannot_read_named(part1, tmp_path, monkeypatch, serve_raw):
+    """urllib raises ValueError, not OSError, for an address it cannot read, such as this redirect's."""
+    def to_broken_address(connection, stopping):
+        connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://[::1/x\r\nContent-Length: 0\r\n\r\n")
+
+    url = serve_raw(to_broken_address) + "/{name}"
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
+    assert str(error.value).startswith(f"could not download {url.format(name='ptb.train.txt')} (Invalid IPv6 URL). ")
+    assert not (tmp_path / "data").exists()
+
+
+def test_interrupt_while_checking_download_cleans_up(part1, real_data, tmp_path, monkeypatch, serve_folder):
+    """Ctrl-C after the transfer, while the file's SHA-256 is taken, also leaves no partial file or folder."""
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb") + "/{name}")
+    monkeypatch.setattr(part1, "sha256_of", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
+    assert not (tmp_path / "data").exists()
+
+
 def test_fetch_data_reads_every_split(part1, tmp_path, monkeypatch):
     """A file that is there but contains no words fails the check, as it would fail the run later."""
     write_tiny_corpus(tmp_path / "ptb")

@@ -848,6 +848,93 @@ def serve_mnist_archives(nb, root, monkeypatch, serve_folder, train=12, test=6):
     return expected, served
 
 
+def endless_trailers(connection, stopping):
+    """A whole chunked body of 10 bytes, then trailer lines without end, which http.client reads in a loop."""
+    connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n")
+    while not stopping.is_set():
+        connection.sendall(b"X-Trailer: 0123456789012345678901234567890123456789\r\n" * 1000)
+
+
+def endless_interim_replies(connection, stopping):
+    """Interim 100 Continue replies without end, which http.client skips in a loop before the real one."""
+    while not stopping.is_set():
+        connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 1000)
+
+
+def trickled_headers(connection, stopping):
+    """A reply whose status line and headers arrive one byte every 50 ms."""
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Padding: " + b"x" * 1000 + b"\r\n\r\n0123456789":
+        if stopping.is_set():
+            return
+        connection.sendall(bytes([byte]))
+        time.sleep(0.05)
+
+
+def cut_short(connection, stopping):
+    """A reply that announces 100,000 bytes and closes after 3,000."""
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 3000)
+
+
+@pytest.mark.parametrize("reply", [endless_trailers, endless_interim_replies])
+def test_endless_reply_parts_stopped(nb, tmp_path, serve_raw, reply):
+    """Bytes that are not the body count too, so that a server cannot hold a download open with them."""
+    with open(tmp_path / "download", "wb") as file, pytest.raises(ConnectionError) as error:
+        nb.download_into(serve_raw(reply) + "/file", file, 100)
+    assert str(error.value) == ("the server sent more than 1,048,776 bytes in all, far more than the file and the "
+                                "reply's headers take")
+
+
+def test_trickled_headers_time_out(nb, tmp_path, monkeypatch, serve_raw):
+    """The rate counts from the first byte of the reply, headers included."""
+    monkeypatch.setattr(nb, "DOWNLOAD_TIMEOUT_S", 1)
+    with open(tmp_path / "download", "wb") as file, pytest.raises(TimeoutError) as error:
+        nb.download_into(serve_raw(trickled_headers) + "/file", file, 100)
+    assert re.fullmatch(r"\d+ bytes arrived in the last 1 s, fewer than DOWNLOAD_MIN_RATE \(10,000 bytes per "
+                        r"second\) allows", str(error.value))
+
+
+def test_svhn_reply_cut_short_named(nb, tmp_path, monkeypatch, serve_raw):
+    url = serve_raw(cut_short) + "/train_32x32.mat"
+    monkeypatch.setitem(nb.SVHN_SOURCES, "train", (url, "train_32x32.mat", "0" * 32))
+    with pytest.raises(FileNotFoundError) as error:
+        nb.svhn_file(tmp_path / "data", "train")
+    assert str(error.value).startswith(f"SVHN file {tmp_path / 'data' / 'svhn' / 'train_32x32.mat'} is missing and "
+                                       f"the download from {url} failed (the connection closed after 3,000 bytes, "
+                                       f"97,000 bytes before the end that the server announced). ")
+    assert not (tmp_path / "data").exists()
+
+
+def test_redirect_to_ftp_refused(nb, tmp_path, serve_raw):
+    """urllib follows a redirect to ftp, where the checks of the reply would not apply."""
+    def to_ftp(connection, stopping):
+        connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1:9/file\r\nContent-Length: 0\r\n\r\n")
+
+    with open(tmp_path / "download", "wb") as file, pytest.raises(OSError) as error:
+        nb.download_into(serve_raw(to_ftp) + "/file", file, 100)
+    assert str(error.value) == ("HTTP Error 302: a redirect to ftp://127.0.0.1:9/file, which is not an http or https "
+                                "address")
+
+
+SHARED_DOWNLOAD_CODE = ("download_timeout", "CheckedReader", "CheckedResponse", "WebRedirects", "checked_opener",
+                        "missing_folders", "remove_empty_folders", "locked_folder", "error_text", "open_new_file")
+
+
+def test_download_code_same_in_both_notebooks(repo_root):
+    """Both notebooks carry their own copy of the download code, since each must run alone; the copies agree."""
+    def definitions(notebook):
+        found = {}
+        for cell in nbformat.read(repo_root / notebook, as_version=4).cells:
+            if cell.cell_type == "code":
+                for node in ast.parse(cell.source).body:
+                    if getattr(node, "name", None) in SHARED_DOWNLOAD_CODE:
+                        found[node.name] = ast.get_source_segment(cell.source, node)
+        return found
+
+    part1_code, part2_code = definitions("part1_lstm.ipynb"), definitions(NOTEBOOK)
+    assert sorted(part2_code) == sorted(SHARED_DOWNLOAD_CODE)
+    assert part1_code == part2_code
+
+
 def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
     """The real MNIST download, MD5 check and unpacking, from a local HTTP mirror of tiny archives."""
     expected, _ = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
