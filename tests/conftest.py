@@ -7,6 +7,8 @@ import functools
 import http.server
 import os
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -119,28 +121,46 @@ class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
         time.sleep(10)     # a stalled server: the client has given up or been interrupted long before
 
 
+@pytest.fixture(scope="session")
+def localhost_certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", folder / "key.pem",
+                    "-out", folder / "cert.pem", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return folder / "cert.pem", folder / "key.pem"
+
+
 @pytest.fixture
-def serve_folder(monkeypatch):
+def serve_folder(monkeypatch, request):
     """Serve a folder over HTTP on 127.0.0.1, as a stand-in for a data set's server; return its base URL.
 
     The server is this test's own, on a free port, and stops when the test ends. With `stall_after`,
     it sends that many bytes of each file and then nothing more, as a stalled server does. With
     `trickle_every`, it sends one byte at a time, that many seconds apart. The User-Agent header of
-    each request goes into the list `serve.user_agents`.
+    each request goes into the list `serve.user_agents`. With `tls`, it serves https, with a certificate
+    that this process then trusts through SSL_CERT_FILE, in place of the system's.
     """
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(name, "127.0.0.1")
     servers = []
 
-    def serve(folder: Path, stall_after: int | None = None, trickle_every: float | None = None) -> str:
+    def serve(folder: Path, stall_after: int | None = None, trickle_every: float | None = None,
+              tls: bool = False) -> str:
         handler_class = type("FileHandler", (QuietFileHandler,), {"stall_after": stall_after,
                                                                   "trickle_every": trickle_every,
                                                                   "user_agents": serve.user_agents})
         handler = functools.partial(handler_class, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        if tls:
+            certificate, key = request.getfixturevalue("localhost_certificate")
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certificate, key)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+            monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
 
     serve.user_agents = []
     yield serve

@@ -2010,6 +2010,24 @@ def test_ptb_reply_not_http_named(part1, tmp_path, monkeypatch, serve_garbage):
     assert not (tmp_path / "data").exists()
 
 
+def test_ptb_download_over_https(part1, real_data, tmp_path, monkeypatch, serve_folder):
+    """The Penn Treebank's server is https, which the notebook's own HTTPS handler must reach, with the
+    certificate checked."""
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb", tls=True) + "/{name}")
+    paths, checksums_match = part1.ensure_ptb(tmp_path / "ptb", download=True)
+    assert paths["valid"].read_bytes() == (real_data / "ptb" / "ptb.valid.txt").read_bytes()
+    assert all(checksums_match.values())
+
+
+def test_https_certificate_checked(part1, real_data, tmp_path, monkeypatch, serve_folder):
+    url = serve_folder(real_data / "ptb", tls=True) + "/{name}"
+    monkeypatch.delenv("SSL_CERT_FILE")                 # the system's certificates, which do not sign this one
+    monkeypatch.setattr(part1, "PTB_URL", url)
+    with pytest.raises(FileNotFoundError) as error:
+        part1.ensure_ptb(tmp_path / "ptb", download=True)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(error.value)
+
+
 def test_ptb_address_urllib_cannot_read_named(part1, tmp_path, monkeypatch, serve_raw):
     """urllib raises ValueError, not OSError, for an address it cannot read, such as this redirect's."""
     def to_broken_address(connection, stopping):

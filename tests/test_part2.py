@@ -833,7 +833,7 @@ def forbidden_download(url, *args, **kwargs):
     raise AssertionError(f"no download may be tried here, but {url} was")
 
 
-def serve_mnist_archives(nb, root, monkeypatch, serve_folder, train=12, test=6):
+def serve_mnist_archives(nb, root, monkeypatch, serve_folder, train=12, test=6, tls=False):
     """Serve tiny MNIST archives from a local mirror in place of torchvision's, with their MD5s.
 
     Returns the MNIST that the served files contain and the folder of the archives.
@@ -843,7 +843,7 @@ def serve_mnist_archives(nb, root, monkeypatch, serve_folder, train=12, test=6):
     expected = nb.load_mnist(root, download=False)
     gzip_mnist_files(served)
     resources = [(path.name, hashlib.md5(path.read_bytes()).hexdigest()) for path in sorted(served.iterdir())]
-    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [serve_folder(served) + "/"])
+    monkeypatch.setattr(nb.torchvision.datasets.MNIST, "mirrors", [serve_folder(served, tls=tls) + "/"])
     monkeypatch.setattr(nb.torchvision.datasets.MNIST, "resources", resources)
     return expected, served
 
@@ -941,6 +941,13 @@ def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
     mnist = nb.load_mnist(tmp_path / "data", download=True)
     assert torch.equal(mnist.train_images, expected.train_images)
     assert torch.equal(mnist.test_labels, expected.test_labels)
+
+
+def test_mnist_download_over_https(nb, tmp_path, monkeypatch, serve_folder):
+    """torchvision's first MNIST mirror is https, which the notebook's own HTTPS handler must reach."""
+    expected, _ = serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder, tls=True)
+    mnist = nb.load_mnist(tmp_path / "data", download=True)
+    assert torch.equal(mnist.train_images, expected.train_images)
 
 
 def test_mnist_download_sends_torchvision_agent(nb, tmp_path, monkeypatch, serve_folder):
