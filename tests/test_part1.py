@@ -828,7 +828,8 @@ def test_stalled_download_times_out(part1, tmp_path, monkeypatch, serve_folder):
     monkeypatch.setattr(part1, "DOWNLOAD_TIMEOUT_S", 1)
     with pytest.raises(FileNotFoundError) as error:
         part1.ensure_ptb(tmp_path / "data" / "ptb", download=True)
-    assert str(error.value).startswith(f"could not download {url.format(name='ptb.train.txt')} (timed out).")
+    assert str(error.value).startswith(f"could not download {url.format(name='ptb.train.txt')} (nothing arrived for "
+                                       f"DOWNLOAD_TIMEOUT_S = 1 s).")
     assert not (tmp_path / "data").exists()
 
 

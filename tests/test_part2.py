@@ -915,6 +915,41 @@ def test_redirect_to_ftp_refused(nb, tmp_path, serve_raw):
                                 "address")
 
 
+def test_redirects_limited_to_three(nb, tmp_path, serve_raw):
+    """Each reply may take up to about twice DOWNLOAD_TIMEOUT_S, so urllib's ten redirects would multiply that."""
+    requests = []
+
+    def onward(connection, stopping):
+        requests.append(1)
+        connection.sendall(f"HTTP/1.1 302 Found\r\nLocation: /{len(requests)}\r\nContent-Length: 0\r\n\r\n".encode())
+
+    with open(tmp_path / "download", "wb") as file, pytest.raises(urllib.error.HTTPError):
+        nb.download_into(serve_raw(onward) + "/0", file, 100)
+    assert len(requests) == 4
+
+
+def test_chunked_reply_cut_short_named(nb, tmp_path, serve_raw):
+    def cut_chunk(connection, stopping):
+        connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2710\r\n" + b"x" * 5000)
+
+    with open(tmp_path / "download", "wb") as file, pytest.raises(ConnectionError) as error:
+        nb.download_into(serve_raw(cut_chunk) + "/file", file, 20_000)
+    assert str(error.value) == "the connection closed after 5,000 bytes, before the end of the reply"
+
+
+def test_http_error_closes_socket(nb, tmp_path, serve_folder):
+    """urllib's HTTPError holds its reply's socket, which the notebook's error keeps alive, as IPython keeps the
+    last error."""
+    url = serve_folder(tmp_path) + "/missing"
+    open_files = len(os.listdir("/proc/self/fd"))
+    errors = []
+    for _ in range(5):
+        with open(tmp_path / "download", "wb") as file, pytest.raises(urllib.error.HTTPError) as error:
+            nb.download_into(url, file, 100)
+        errors.append(error.value)
+    assert len(os.listdir("/proc/self/fd")) == open_files
+
+
 SHARED_DOWNLOAD_CODE = ("download_timeout", "CheckedReader", "CheckedResponse", "WebRedirects", "checked_opener",
                         "missing_folders", "remove_empty_folders", "locked_folder", "error_text", "open_new_file")
 
