@@ -203,8 +203,8 @@ def serve_garbage(monkeypatch):
 
 @pytest.fixture
 def serve_raw(monkeypatch):
-    """Start servers on 127.0.0.1 that answer each request by calling `reply(connection, stopping)`; each call
-    of the fixture's function takes `reply` and returns the server's URL.
+    """Start servers on 127.0.0.1 that respond to each request by calling `reply(connection, stopping)`. Each
+    call of the fixture's function takes `reply` and returns the server's URL.
 
     For replies that http.server cannot send: headers or trailers without end, or a body cut short. `reply`
     should return once the threading.Event `stopping` is set, which happens when the test ends.

@@ -821,7 +821,7 @@ def test_trickled_svhn_download_times_out(nb, tmp_path, monkeypatch, serve_folde
 
 
 def test_long_download_prints_progress(nb, tmp_path, monkeypatch, serve_folder, capsys):
-    """With no interval, each piece that arrives prints a line; the last gives the whole file and SVHN's size."""
+    """With no interval, each piece that arrives prints a line, and the last names the whole file and SVHN's size."""
     serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
     monkeypatch.setattr(nb, "DOWNLOAD_PROGRESS_S", 0)
     path = nb.svhn_file(tmp_path / "data", "train")
@@ -938,8 +938,8 @@ def test_chunked_reply_cut_short_named(nb, tmp_path, serve_raw):
 
 
 def test_http_error_closes_socket(nb, tmp_path, serve_folder):
-    """urllib's HTTPError holds its reply's socket, which the notebook's error keeps alive, as IPython keeps the
-    last error."""
+    """urllib's HTTPError keeps its reply's socket open, and the notebook's error keeps the HTTPError, as IPython
+    keeps the last error."""
     url = serve_folder(tmp_path) + "/missing"
     open_files = len(os.listdir("/proc/self/fd"))
     errors = []
@@ -955,7 +955,7 @@ SHARED_DOWNLOAD_CODE = ("download_timeout", "CheckedReader", "CheckedResponse", 
 
 
 def test_download_code_same_in_both_notebooks(repo_root):
-    """Both notebooks carry their own copy of the download code, since each must run alone; the copies agree."""
+    """Both notebooks carry their own copy of the download code, since each must run alone. The copies agree."""
     def definitions(notebook):
         found = {}
         for cell in nbformat.read(repo_root / notebook, as_version=4).cells:
