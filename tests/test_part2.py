@@ -470,6 +470,16 @@ def test_svhn_label_10_becomes_digit_0(nb, tmp_path):
     assert torch.equal(loaded, torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
+def test_single_svhn_image_in_three_dimensions(nb, tmp_path):
+    """MATLAB saves one image of shape (32, 32, 3, 1) as (32, 32, 3), as it drops trailing dimensions of size 1."""
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": image, "y": np.array([[10]], dtype=np.uint8)})
+    loaded, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [0]
+    assert torch.equal(loaded, torch.from_numpy(image).permute(2, 0, 1)[None])
+
+
 def test_svhn_labels_from_zero_rejected(nb, tmp_path):
     """Labels already mapped to 0-9 are not SVHN's format, in which 10 stands for the digit 0."""
     path = tmp_path / "test_32x32.mat"
