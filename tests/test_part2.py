@@ -2341,6 +2341,29 @@ def test_mat_v4_of_unknown_type_named(nb, tmp_path):
     assert str(error.value).startswith(f"{path} is not a readable .mat file (KeyError:")
 
 
+@pytest.mark.parametrize("compress, name_bytes", [(True, 2**28), (False, 0xFFFFFFF0)])
+def test_huge_variable_name_left_unread(nb, tmp_path, monkeypatch, compress, name_bytes):
+    """scipy's listing reads a variable's name whole, at the size its header declares, so the headers are read
+    first. A 261 kB file whose extra variable declared a name of 256 MiB took 652 MiB that way."""
+    path = tmp_path / "train_32x32.mat"
+    header = (struct.pack("<4I", 6, 8, 6, 0) + struct.pack("<2I2i", 5, 8, 1, 1)       # a double of shape (1, 1)
+              + struct.pack("<2I", 1, name_bytes))                                   # its name's tag
+    element = struct.pack("<2I", 14, len(header) + 8) + header + bytes(8)
+    if compress:
+        stream = zlib.compress(struct.pack("<2I", 14, len(header) + name_bytes + 16) + header + bytes(2**20))
+        element = struct.pack("<2I", 15, len(stream)) + stream
+    write_mat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)}, element)
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("the variables must not be listed")
+
+    monkeypatch.setattr(nb.scipy.io, "whosmat", no_listing)
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: a variable's name takes "
+                                       f"{name_bytes:,d} bytes, where MATLAB's names have at most 63 characters);")
+
+
 def big_endian_mat(path, variables, compress):
     """Write uint8 arrays as a big-endian MAT v5 file, as MATLAB on a big-endian machine does, which scipy
     cannot write."""
