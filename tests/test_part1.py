@@ -2029,7 +2029,7 @@ def test_https_certificate_checked(part1, real_data, tmp_path, monkeypatch, serv
     assert "CERTIFICATE_VERIFY_FAILED" in str(error.value)
 
 
-def test_ptb_address_urllib_cannot_read_named(part1, tmp_path, monkeypatch, serve_raw):
+def test_unreadable_ptb_address_named(part1, tmp_path, monkeypatch, serve_raw):
     """urllib raises ValueError, not OSError, for an address it cannot read, such as this redirect's."""
     def to_broken_address(connection, stopping):
         connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://[::1/x\r\nContent-Length: 0\r\n\r\n")
@@ -2042,7 +2042,7 @@ def test_ptb_address_urllib_cannot_read_named(part1, tmp_path, monkeypatch, serv
     assert not (tmp_path / "data").exists()
 
 
-def test_interrupt_while_checking_download_cleans_up(part1, real_data, tmp_path, monkeypatch, serve_folder):
+def test_interrupted_download_check_cleans_up(part1, real_data, tmp_path, monkeypatch, serve_folder):
     """Ctrl-C after the transfer, while the file's SHA-256 is taken, also leaves no partial file or folder."""
     def interrupted(path):
         raise KeyboardInterrupt

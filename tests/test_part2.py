@@ -914,7 +914,7 @@ def test_svhn_reply_cut_short_named(nb, tmp_path, monkeypatch, serve_raw):
     assert not (tmp_path / "data").exists()
 
 
-def test_redirect_to_ftp_refused(nb, tmp_path, serve_raw):
+def test_redirect_to_ftp_rejected(nb, tmp_path, serve_raw):
     """urllib follows a redirect to ftp, where the checks of the reply would not apply."""
     def to_ftp(connection, stopping):
         connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1:9/file\r\nContent-Length: 0\r\n\r\n")
@@ -964,7 +964,7 @@ SHARED_DOWNLOAD_CODE = ("download_timeout", "CheckedReader", "CheckedResponse", 
                         "missing_folders", "remove_empty_folders", "locked_folder", "error_text", "open_new_file")
 
 
-def test_download_code_same_in_both_notebooks(repo_root):
+def test_download_code_same_in_notebooks(repo_root):
     """Both notebooks carry their own copy of the download code, since each must run alone. The copies agree."""
     def definitions(notebook):
         found = {}
@@ -2278,7 +2278,7 @@ def test_oversized_svhn_file_left_unread(nb, tmp_path, monkeypatch):
                                        f"file contains (73,257), so it was not read;")
 
 
-def test_svhn_data_larger_than_shape_left_unread(nb, tmp_path, monkeypatch):
+def test_oversized_svhn_data_left_unread(nb, tmp_path, monkeypatch):
     """A variable whose data declares more bytes than its shape needs is rejected before scipy reads them, which
     would unpack them all: 1 GiB for a 1 MB file of such zeros."""
     path = tmp_path / "train_32x32.mat"
@@ -2288,13 +2288,13 @@ def test_svhn_data_larger_than_shape_left_unread(nb, tmp_path, monkeypatch):
                                               f"not read;")
 
 
-def assert_left_unread(nb, path, monkeypatch, message):
+def assert_left_unread(nb, path, monkeypatch, message, reader="loadmat"):
     """Assert that load_svhn_mat rejects the file `path` with an error that starts with `message`, before
-    scipy reads its arrays."""
+    it calls scipy.io's function `reader`: loadmat, which reads the arrays, or whosmat, which lists them."""
     def no_read(*args, **kwargs):
-        raise AssertionError("the arrays must not be read")
+        raise AssertionError(f"scipy.io.{reader} must not run")
 
-    monkeypatch.setattr(nb.scipy.io, "loadmat", no_read)
+    monkeypatch.setattr(nb.scipy.io, reader, no_read)
     with pytest.raises(ValueError) as error:
         nb.load_svhn_mat(path)
     assert str(error.value).startswith(message)
@@ -2318,7 +2318,7 @@ def test_odd_mat_header_still_checked(nb, tmp_path, monkeypatch, mark):
     assert_left_unread(nb, path, monkeypatch, f"{path}: the data of X takes 1,073,741,824 bytes, not the 6,144")
 
 
-def test_array_flags_read_as_scipy_reads_them(nb, tmp_path, monkeypatch):
+def test_array_flags_read_like_scipy(nb, tmp_path, monkeypatch):
     """scipy reads an array's flags as 8 bytes, whatever their tag declares. A tag that declares more must not
     lead the check past the real header to a decoy one at the start of the data."""
     path = tmp_path / "train_32x32.mat"
@@ -2342,9 +2342,9 @@ def test_mat_v4_of_unknown_type_named(nb, tmp_path):
 
 
 @pytest.mark.parametrize("compress, name_bytes", [(True, 2**28), (False, 0xFFFFFFF0)])
-def test_huge_variable_name_left_unread(nb, tmp_path, monkeypatch, compress, name_bytes):
+def test_huge_variable_name_unread(nb, tmp_path, monkeypatch, compress, name_bytes):
     """scipy's listing reads a variable's name whole, at the size its header declares, so the headers are read
-    first. A 261 kB file whose extra variable declared a name of 256 MiB took 652 MiB that way."""
+    first. Listed by scipy, a 261 kB file whose extra variable declares a name of 256 MiB takes 652 MiB."""
     path = tmp_path / "train_32x32.mat"
     header = (struct.pack("<4I", 6, 8, 6, 0) + struct.pack("<2I2i", 5, 8, 1, 1)       # a double of shape (1, 1)
               + struct.pack("<2I", 1, name_bytes))                                   # its name's tag
@@ -2353,15 +2353,9 @@ def test_huge_variable_name_left_unread(nb, tmp_path, monkeypatch, compress, nam
         stream = zlib.compress(struct.pack("<2I", 14, len(header) + name_bytes + 16) + header + bytes(2**20))
         element = struct.pack("<2I", 15, len(stream)) + stream
     write_mat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)}, element)
-
-    def no_listing(*args, **kwargs):
-        raise AssertionError("the variables must not be listed")
-
-    monkeypatch.setattr(nb.scipy.io, "whosmat", no_listing)
-    with pytest.raises(ValueError) as error:
-        nb.load_svhn_mat(path)
-    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: a variable's name takes "
-                                       f"{name_bytes:,d} bytes, where MATLAB's names have at most 63 characters);")
+    assert_left_unread(nb, path, monkeypatch, f"{path} is not a readable .mat file (ValueError: a variable's name "
+                                              f"takes {name_bytes:,d} bytes, where MATLAB's names have at most 63 "
+                                              f"characters);", reader="whosmat")
 
 
 def big_endian_mat(path, variables, compress):
