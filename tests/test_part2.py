@@ -925,6 +925,23 @@ def test_redirect_to_ftp_rejected(nb, tmp_path, serve_raw):
                                 "address")
 
 
+def test_error_after_redirect_named(nb, tmp_path, serve_raw):
+    """urllib's message for an HTTP error names no address, and the caller's names the first one."""
+    requests = []
+
+    def moved_then_missing(connection, stopping):
+        requests.append(1)
+        if len(requests) == 1:
+            connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: /new\r\nContent-Length: 0\r\n\r\n")
+        else:
+            connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    url = serve_raw(moved_then_missing)
+    with open(tmp_path / "download", "wb") as file, pytest.raises(urllib.error.HTTPError) as error:
+        nb.download_into(url + "/old", file, 100)
+    assert str(error.value) == f"HTTP Error 404: Not Found, from {url}/new after a redirect"
+
+
 def test_redirects_limited_to_three(nb, tmp_path, serve_raw):
     """Each reply may take up to about twice DOWNLOAD_TIMEOUT_S, so urllib's ten redirects would multiply that."""
     requests = []
