@@ -1013,7 +1013,8 @@ def test_mixed_precision_auto_off_on_gpu(part1, monkeypatch):
 @pytest.mark.parametrize("name, value", [
     ("HIDDEN_SIZE", "abc"), ("FORCE_RETRAIN", "maybe"), ("PROFILE", "huge"), ("HIDDEN_SIZE", "0"),
     ("WINDOW", "-3"), ("BATCH_SIZE", "0"), ("EVAL_EVERY", "0"), ("TRAIN_STEPS", "-5"), ("DROPOUT", "1.5"),
-    ("GRAD_CLIP", "-1"), ("LEARNING_RATE", "nan"), ("SEED", "-1"), ("NUM_THREADS", "-2"), ("NUM_THREADS", "3000000000"),
+    ("GRAD_CLIP", "-1"), ("LEARNING_RATE", "nan"), ("LEARNING_RATE", "1e-320"), ("SEED", "-1"), ("NUM_THREADS", "-2"),
+    ("NUM_THREADS", "3000000000"),
     ("VALID_TOKENS_DURING_TRAINING", "-5"), ("ONEDNN_MATMUL", "none"), ("ONEDNN_MATMUL", "sometimes"),
     ("FUSED_ADAM", "none"), ("FUSED_ADAM", "auto"), ("MIXED_PRECISION", "none"), ("MIXED_PRECISION", "half"),
     ("KEEP_FREED_MEMORY", "2")])

@@ -156,7 +156,8 @@ def test_invalid_setting_raises(nb):
 @pytest.mark.parametrize("name, value", [
     ("GAN_STEPS", "0"), ("BATCH_SIZE", "-4"), ("LR_DECAY_START", "nan"), ("LR_DECAY_START", "1.5"),
     ("TRAIN_LIMIT", "-5"), ("CYCLE_WEIGHT", "-10"), ("BETA1", "1.5"), ("LEARNING_RATE", "0"),
-    ("SAMPLE_EVERY", "0"), ("SEED", "-1"), ("NUM_THREADS", "-2"), ("NUM_THREADS", "3000000000")])
+    ("LEARNING_RATE", "1e-320"), ("SAMPLE_EVERY", "0"), ("SEED", "-1"), ("NUM_THREADS", "-2"),
+    ("NUM_THREADS", "3000000000")])
 def test_out_of_range_setting_raises(nb, name, value):
     defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
     with pytest.raises(ValueError) as error:
