@@ -25,6 +25,7 @@ import nbformat
 import numpy as np
 import pytest
 import scipy.io
+import scipy.sparse
 import torch
 from test_part1 import (
     ALLOCATION_MESSAGES,
@@ -2306,13 +2307,14 @@ def test_oversized_svhn_data_left_unread(nb, tmp_path, monkeypatch):
                                               f"not read;")
 
 
-def assert_left_unread(nb, path, monkeypatch, message, reader="loadmat"):
+def assert_left_unread(nb, path, monkeypatch, message):
     """Assert that load_svhn_mat rejects the file `path` with an error that starts with `message`, before
-    it calls scipy.io's function `reader`: loadmat, which reads the arrays, or whosmat, which lists them."""
-    def no_read(*args, **kwargs):
-        raise AssertionError(f"scipy.io.{reader} must not run")
+    scipy.io's loadmat reads the arrays, or its whosmat lists them."""
+    for reader in ("loadmat", "whosmat"):
+        def no_read(*args, reader=reader, **kwargs):
+            raise AssertionError(f"scipy.io.{reader} must not run")
 
-    monkeypatch.setattr(nb.scipy.io, reader, no_read)
+        monkeypatch.setattr(nb.scipy.io, reader, no_read)
     with pytest.raises(ValueError) as error:
         nb.load_svhn_mat(path)
     assert str(error.value).startswith(message)
@@ -2350,13 +2352,28 @@ def test_array_flags_read_like_scipy(nb, tmp_path, monkeypatch):
     assert_left_unread(nb, path, monkeypatch, f"{path}: the data of X takes 1,073,741,824 bytes, not the 6,144")
 
 
-def test_mat_v4_of_unknown_type_named(nb, tmp_path):
-    """A file that scipy reads as MAT v4, with a type code it does not know, makes it raise KeyError."""
-    path = tmp_path / "train_32x32.mat"
+def write_mat_v4(path):
+    scipy.io.savemat(path, {"X": np.zeros((3072, 2), np.uint8), "y": np.ones((2, 1))}, format="4")
+
+
+def write_unknown_mat_v4(path):
+    """A file that scipy reads as MAT v4, with a type code that scipy does not know."""
     path.write_bytes(struct.pack("<5i", 60, 1, 1, 0, 2) + b"X\0" + bytes(8))
+
+
+def write_mat_v73_header(path):
+    path.write_bytes(b"MATLAB 7.3 MAT-file".ljust(116) + bytes(8) + struct.pack("<H", 0x0200) + b"IM")
+
+
+@pytest.mark.parametrize("write, found", [(write_mat_v4, "MAT v4"), (write_unknown_mat_v4, "MAT v4"),
+                                          (write_mat_v73_header, "MAT v7.3 (HDF5)")])
+def test_other_mat_versions_named(nb, tmp_path, write, found):
+    path = tmp_path / "train_32x32.mat"
+    write(path)
     with pytest.raises(ValueError) as error:
         nb.load_svhn_mat(path)
-    assert str(error.value).startswith(f"{path} is not a readable .mat file (KeyError:")
+    assert str(error.value) == (f"{path} is a {found} file, where SVHN's files are MAT v5; delete it to download it "
+                                f"again, or replace it with the original")
 
 
 @pytest.mark.parametrize("compress, name_bytes", [(True, 2**28), (False, 0xFFFFFFF0)])
@@ -2373,7 +2390,7 @@ def test_huge_variable_name_unread(nb, tmp_path, monkeypatch, compress, name_byt
     write_mat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)}, element)
     assert_left_unread(nb, path, monkeypatch, f"{path} is not a readable .mat file (ValueError: a variable's name "
                                               f"takes {name_bytes:,d} bytes, where MATLAB's names have at most 63 "
-                                              f"characters);", reader="whosmat")
+                                              f"characters);")
 
 
 def big_endian_mat(path, variables, compress):
@@ -2413,6 +2430,52 @@ def test_other_mat_variables_left_unread(nb, tmp_path):
               compressed_uint8_variable("Z", (1_000_000, 4096)))
     _, labels = nb.load_svhn_mat(path)
     assert labels.tolist() == [3, 0]
+
+
+def opaque_variable(name):
+    """An uncompressed variable of MATLAB's opaque class, the class of a saved classdef object. It has a name
+    and no shape, then the text MCOS, the object's class name, and stand-in bytes for the object's data."""
+    body = (struct.pack("<4I", 6, 8, 17, 0)                                         # array flags: opaque
+            + struct.pack("<2I", 1, len(name)) + name.encode().ljust(8, b"\0")
+            + struct.pack("<2I", 1, 4) + b"MCOS" + bytes(4)
+            + struct.pack("<2I", 1, 6) + b"Person" + bytes(2) + bytes(16))
+    return struct.pack("<2I", 14, len(body)) + body
+
+
+def test_opaque_variable_beside_svhn_loads(nb, tmp_path):
+    """scipy's listing of the variables raises TypeError for an object, though loadmat skips it."""
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[10], [7]])}, opaque_variable("person"))
+    _, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [0, 7]
+
+
+MAT_LISTING_CASES = {
+    "uint8 4-D": np.zeros((32, 32, 3, 5), np.uint8), "double column": np.arange(5.0)[:, None],
+    "int64 row": np.arange(4, dtype=np.int64)[None], "single": np.ones((2, 3), np.float32),
+    "empty": np.zeros((0, 3)), "complex": np.ones((2, 2), complex), "logical": np.array([[True, False]]),
+    "text": "digits", "cell": np.array([[np.ones(2), "a"]], dtype=object), "struct": {"a": 1.0, "b": "x"},
+    "sparse": scipy.sparse.eye(3, format="csc"),
+}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mat_listing_matches_scipy(nb, tmp_path, compress):
+    """The notebook's own listing of a file's variables, which reads only their headers, agrees with scipy's."""
+    path = tmp_path / "variables.mat"
+    variables = {name.replace(" ", "_").replace("-", "_"): value for name, value in MAT_LISTING_CASES.items()}
+    scipy.io.savemat(path, variables, do_compression=compress)
+    listed = [(name, kind) for name, kind, *_ in nb.mat_variables(path)]
+    assert listed == [(name, kind) for name, _, kind in scipy.io.whosmat(path)]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mat_listing_reads_numeric_shapes(nb, tmp_path, compress):
+    path = tmp_path / "variables.mat"
+    variables = {"X": np.zeros((32, 32, 3, 5), np.uint8), "y": np.ones((5, 1)), "e": np.zeros((0, 3), np.int16)}
+    scipy.io.savemat(path, variables, do_compression=compress)
+    shapes = {name: shape for name, _, shape, *_ in nb.mat_variables(path)}
+    assert shapes == {"X": (32, 32, 3, 5), "y": (5, 1), "e": (0, 3)}
 
 
 def test_uint8_class_stored_as_double_rejected(nb, tmp_path):
