@@ -2443,7 +2443,7 @@ def opaque_variable(name):
 
 
 def test_opaque_variable_beside_svhn_loads(nb, tmp_path):
-    """scipy's listing of the variables raises TypeError for an object, though loadmat skips it."""
+    """A MATLAB object beside X and y is skipped, where scipy's whosmat raises TypeError."""
     path = tmp_path / "train_32x32.mat"
     write_mat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[10], [7]])}, opaque_variable("person"))
     _, labels = nb.load_svhn_mat(path)
@@ -2465,7 +2465,7 @@ def test_mat_listing_matches_scipy(nb, tmp_path, compress):
     path = tmp_path / "variables.mat"
     variables = {name.replace(" ", "_").replace("-", "_"): value for name, value in MAT_LISTING_CASES.items()}
     scipy.io.savemat(path, variables, do_compression=compress)
-    listed = [(name, kind) for name, kind, *_ in nb.mat_variables(path)]
+    listed = [(variable.name, variable.kind) for variable in nb.mat_variables(path)]
     assert listed == [(name, kind) for name, _, kind in scipy.io.whosmat(path)]
 
 
@@ -2474,8 +2474,119 @@ def test_mat_listing_reads_numeric_shapes(nb, tmp_path, compress):
     path = tmp_path / "variables.mat"
     variables = {"X": np.zeros((32, 32, 3, 5), np.uint8), "y": np.ones((5, 1)), "e": np.zeros((0, 3), np.int16)}
     scipy.io.savemat(path, variables, do_compression=compress)
-    shapes = {name: shape for name, _, shape, *_ in nb.mat_variables(path)}
+    shapes = {variable.name: variable.shape for variable in nb.mat_variables(path)}
     assert shapes == {"X": (32, 32, 3, 5), "y": (5, 1), "e": (0, 3)}
+
+
+def svhn_arrays(count):
+    """Random SVHN-like X (32, 32, 3, count) uint8 and y (count, 1) in 1-10, as SVHN's files hold them."""
+    rng = np.random.default_rng(count)
+    return rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8), rng.integers(1, 11, (count, 1))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("label_type", [np.float64, np.float32, np.uint8, np.int16, np.int32, np.uint64])
+def test_svhn_reader_matches_loadmat(nb, tmp_path, compress, label_type):
+    path = tmp_path / "train_32x32.mat"
+    images, labels = svhn_arrays(5)
+    scipy.io.savemat(path, {"X": images, "y": labels.astype(label_type)}, do_compression=compress)
+    expected = scipy.io.loadmat(path)
+    loaded, loaded_labels = nb.load_svhn_mat(path)
+    assert torch.equal(loaded, torch.from_numpy(expected["X"].transpose(3, 2, 0, 1).copy()))
+    assert loaded_labels.tolist() == [label % 10 for label in expected["y"].ravel().astype(int).tolist()]
+
+
+def test_one_image_svhn_file_loads(nb, tmp_path):
+    """MATLAB drops the trailing dimension of size 1, so X of one image has shape (32, 32, 3)."""
+    path = tmp_path / "test_32x32.mat"
+    images, _ = svhn_arrays(1)
+    scipy.io.savemat(path, {"X": images[..., 0], "y": np.array([[10]])})
+    loaded, labels = nb.load_svhn_mat(path)
+    assert torch.equal(loaded, torch.from_numpy(images.transpose(3, 2, 0, 1).copy()))
+    assert labels.tolist() == [0]
+
+
+def zeros_stream_variable(name, shape=(1, 1)):
+    """A compressed uint8 variable of zeros whose zlib stream goes on with 128 MiB of zeros past the variable's
+    end, which scipy's reader unpacks at once when it meets the variable. `name` has at most 4 characters."""
+    size = math.prod(shape)
+    body = (struct.pack("<4I", 6, 8, 9, 0)                                           # array flags: uint8
+            + struct.pack("<2I", 5, 4 * len(shape)) + struct.pack(f"<{len(shape)}i", *shape)
+            + bytes(-4 * len(shape) % 8)
+            + struct.pack("<2H", 1, len(name)) + name.encode().ljust(4, b"\0")
+            + struct.pack("<2I", 2, size) + bytes(size + (-size % 8)))
+    packer = zlib.compressobj(9)
+    stream = packer.compress(struct.pack("<2I", 14, len(body)) + body)
+    stream += b"".join(packer.compress(bytes(2**24)) for _ in range(8)) + packer.flush()
+    return struct.pack("<2I", 15, len(stream)) + stream
+
+
+def test_compressed_variable_before_x_unread(nb, tmp_path, monkeypatch):
+    """A variable placed before X is listed from its first 4 KiB only, and scipy reads nothing. Read by scipy,
+    this 131 kB file raised the peak RSS by 256 MiB."""
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"X": np.zeros((32, 32, 3, 1), np.uint8), "y": np.array([[3]], np.uint8)})
+    data = path.read_bytes()
+    path.write_bytes(data[:128] + zeros_stream_variable("Z") + data[128:])
+    for reader in ("loadmat", "whosmat"):
+        monkeypatch.setattr(nb.scipy.io, reader, None)      # calling it raises TypeError
+    _, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [3]
+
+
+def test_data_past_compressed_array_rejected(nb, tmp_path):
+    """The zlib stream of X goes on after X's data. Read by scipy, this 131 kB file raised the peak RSS by
+    256 MiB before scipy rejected it."""
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"y": np.array([[3]], np.uint8)}, zeros_stream_variable("X", (32, 32, 3, 1)))
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: the compressed array X goes "
+                                       f"on past the end of its data);")
+
+
+def test_bytes_after_variables_rejected(nb, tmp_path):
+    """scipy's listing rejects them too. Walked as 8-byte elements, 64 MiB of zero bytes took 10 s."""
+    path = tmp_path / "train_32x32.mat"
+    write_mat(path, {"X": np.zeros((32, 32, 3, 1), np.uint8), "y": np.array([[3]], np.uint8)}, bytes(2**20))
+    end = path.stat().st_size - 2**20
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: the element at byte "
+                                       f"{end:,d} has MAT data type 0, where a variable, of type 14, belongs);")
+
+
+def test_cut_short_svhn_file_named(nb, tmp_path):
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1))})
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: the variable at byte 128 "
+                                       f"declares 6,200 bytes, but the file ends 864 bytes into them, so it is cut "
+                                       f"short);")
+
+
+def test_huge_svhn_label_named(nb, tmp_path):
+    """A whole number far outside 1-10 is named as it is stored, without a cast to int64 that overflows."""
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1e300], [3]])})
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path}: SVHN labels must be 1-10, with 10 for the digit 0, found [3, 1e+300];")
+
+
+def test_shape_stored_as_uint32_accepted(nb, tmp_path):
+    """MATLAB stores shapes as int32, but scipy reads uint32 too."""
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[10], [5]], np.uint8)})
+    data = bytearray(path.read_bytes())
+    y_at = data.rindex(b"y\0\0\0") - 44                   # y's tag, flags, shape and name's tag come first
+    assert struct.unpack_from("<2I", data, y_at + 24) == (5, 8)
+    struct.pack_into("<I", data, y_at + 24, 6)
+    path.write_bytes(data)
+    _, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [0, 5]
 
 
 def test_uint8_class_stored_as_double_rejected(nb, tmp_path):
