@@ -2567,6 +2567,50 @@ def test_cut_short_svhn_file_named(nb, tmp_path):
                                        f"short);")
 
 
+def svhn_file_with_x_stream(path, stream):
+    """Write an SVHN file whose X, of the images svhn_arrays(2), is the compressed element of zlib `stream`."""
+    images, labels = svhn_arrays(2)
+    scipy.io.savemat(path, {"X": images})
+    x_element = path.read_bytes()[128:]
+    scipy.io.savemat(path, {"y": labels.astype(np.uint8)})
+    data = path.read_bytes()
+    compressed = stream(x_element)
+    path.write_bytes(data[:128] + struct.pack("<2I", 15, len(compressed)) + compressed + data[128:])
+    return images, labels
+
+
+def unterminated(data):
+    packer = zlib.compressobj()
+    return packer.compress(data) + packer.flush(zlib.Z_SYNC_FLUSH)
+
+
+def empty_blocks_first(data):
+    packer = zlib.compressobj()
+    return packer.compress(b"") + packer.flush(zlib.Z_SYNC_FLUSH) + b"\0\0\0\xff\xff" * 14_000 + packer.compress(data) \
+        + packer.flush()
+
+
+@pytest.mark.parametrize("stream", [unterminated, empty_blocks_first])
+def test_odd_zlib_streams_load(nb, tmp_path, stream):
+    """scipy reads a stream without its end and checksum, which its reader says some MATLAB files have, and
+    one that starts with 70,000 bytes of empty deflate blocks, which unpack to nothing."""
+    path = tmp_path / "train_32x32.mat"
+    images, labels = svhn_file_with_x_stream(path, stream)
+    loaded, loaded_labels = nb.load_svhn_mat(path)
+    assert torch.equal(loaded, torch.from_numpy(images.transpose(3, 2, 0, 1).copy()))
+    assert loaded_labels.tolist() == (labels.ravel() % 10).tolist()
+
+
+def test_file_cut_in_tag_named(nb, tmp_path):
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1))})
+    path.write_bytes(path.read_bytes()[:131])
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: the file ends 3 bytes into "
+                                       f"the tag of the variable at byte 128, so it is cut short);")
+
+
 def test_huge_svhn_label_named(nb, tmp_path):
     """A whole number far outside 1-10 is named as it is stored, without a cast to int64 that overflows."""
     path = tmp_path / "train_32x32.mat"
