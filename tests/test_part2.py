@@ -2478,6 +2478,30 @@ def test_mat_listing_reads_numeric_shapes(nb, tmp_path, compress):
     assert shapes == {"X": (32, 32, 3, 5), "y": (5, 1), "e": (0, 3)}
 
 
+SCIPY_MAT_FILES = Path(scipy.io.__file__).parent / "matlab" / "tests" / "data"
+
+
+def test_matlab_files_read_like_scipy(nb):
+    """The MAT v5 files that MATLAB 6.5.1 to 7.4 wrote on 32-bit Linux for scipy's own tests are listed as scipy
+    lists them, and their real numeric arrays read as scipy reads them."""
+    files = [path for path in sorted(SCIPY_MAT_FILES.glob("*_GLNX86.mat"))
+             if scipy.io.matlab.matfile_version(path)[0] == 1]                         # not MAT v4
+    assert len(files) > 30, f"scipy's test files are missing from {SCIPY_MAT_FILES}"
+    compared = 0
+    for path in files:
+        listed = list(nb.mat_variables(path))
+        names = [(variable.name or "__function_workspace__", variable.kind) for variable in listed]   # scipy's name
+        assert names == [(name, kind) for name, _, kind in scipy.io.whosmat(path)], path.name
+        arrays = scipy.io.loadmat(path)
+        for variable in listed:
+            if variable.data_type is not None and not variable.is_complex and variable.kind != "logical":
+                data = nb.read_mat_data(path, variable).reshape(variable.shape, order="F")
+                assert np.array_equal(data, arrays[variable.name]), f"{path.name}: {variable.name}"
+                assert data.dtype == arrays[variable.name].dtype, f"{path.name}: {variable.name}"
+                compared += 1
+    assert compared >= 16
+
+
 def svhn_arrays(count):
     """Random SVHN-like X (32, 32, 3, count) uint8 and y (count, 1) in 1-10, as SVHN's files hold them."""
     rng = np.random.default_rng(count)
