@@ -2532,7 +2532,7 @@ def test_one_image_svhn_file_loads(nb, tmp_path):
 
 def zeros_stream_variable(name, shape=(1, 1)):
     """A compressed uint8 variable of zeros whose zlib stream goes on with 128 MiB of zeros past the variable's
-    end, which scipy's reader unpacks at once when it meets the variable. `name` has at most 4 characters."""
+    end, which scipy's reader unpacks when it meets the variable. `name` has at most 4 characters."""
     size = math.prod(shape)
     body = (struct.pack("<4I", 6, 8, 9, 0)                                           # array flags: uint8
             + struct.pack("<2I", 5, 4 * len(shape)) + struct.pack(f"<{len(shape)}i", *shape)
