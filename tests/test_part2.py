@@ -2657,6 +2657,47 @@ def test_shape_stored_as_uint32_accepted(nb, tmp_path):
     assert labels.tolist() == [0, 5]
 
 
+def write_svhn_y_name_as(path, name_type, name=b"y"):
+    """Write a two-image SVHN file whose variable y has its one-character name stored as MAT data type
+    `name_type`, with the byte `name`."""
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[10], [5]], np.uint8)})
+    data = bytearray(path.read_bytes())
+    y_at = data.rindex(b"y\0\0\0") - 44                   # y's tag, flags, shape and name's tag come first
+    assert struct.unpack_from("<2H", data, y_at + 40) == (1, 1)     # a small element: int8, 1 byte
+    struct.pack_into("<H", data, y_at + 40, name_type)
+    data[y_at + 44:y_at + 45] = name
+    path.write_bytes(data)
+
+
+def test_name_stored_as_numbers_rejected(nb, tmp_path):
+    """scipy's loadmat raises TypeError for a name that is not int8 characters."""
+    path = tmp_path / "train_32x32.mat"
+    write_svhn_y_name_as(path, 2)
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: a variable's name is "
+                                       f"stored as MAT data type 2, where MATLAB writes int8 characters (1));")
+
+
+def test_ascii_utf8_name_accepted(nb, tmp_path):
+    """scipy reads a name stored as UTF-8 where it is ASCII, because some malformed files store names so."""
+    path = tmp_path / "train_32x32.mat"
+    write_svhn_y_name_as(path, 16)
+    assert sorted(key for key in scipy.io.loadmat(path) if not key.startswith("__")) == ["X", "y"]
+    _, labels = nb.load_svhn_mat(path)
+    assert labels.tolist() == [0, 5]
+
+
+def test_non_ascii_utf8_name_rejected(nb, tmp_path):
+    path = tmp_path / "train_32x32.mat"
+    write_svhn_y_name_as(path, 16, name=b"\xff")
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: a variable's name 'ÿ' "
+                                       f"is stored as UTF-8 with characters outside ASCII, where MATLAB writes "
+                                       f"int8 characters (1));")
+
+
 def test_uint8_class_stored_as_double_rejected(nb, tmp_path):
     """The class in a variable's header need not match how its data is stored, which sets the loaded dtype."""
     path = tmp_path / "train_32x32.mat"
