@@ -1429,6 +1429,31 @@ def test_rerun_loads_finished_training(tiny_run, monkeypatch):
             assert torch.equal(value, loaded.networks()[name].state_dict()[key]), (name, key)
 
 
+def test_rerun_with_other_classifiers_rejected(tiny_run):
+    """The checkpoint stores the checks over training, which the classifiers scored."""
+    tiny_run.train_cyclegan("run", 11, 2)
+    torch.manual_seed(1)
+    tiny_run.classifiers["mnist"] = tiny_run.DigitClassifier(1, 4)
+    with pytest.raises(ValueError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    message = str(error.value)
+    assert message.startswith(f"checkpoint {tiny_run.RUN_CHECKPOINT_DIR / 'cyclegan_run.pt'} was written with "
+                              f"other settings or data (saved, now): {{'classifiers': ")
+    assert "'checked_test_images'" not in message
+
+
+def test_rerun_with_other_test_images_rejected(tiny_run):
+    tiny_run.train_cyclegan("run", 11, 2)
+    domain = tiny_run.target
+    tiny_run.target = tiny_run.DigitDomain(domain.name, domain.train_images, domain.train_labels,
+                                           domain.test_images.flip(0), domain.test_labels.flip(0))
+    with pytest.raises(ValueError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    message = str(error.value)
+    assert ": {'checked_test_images': " in message
+    assert "'classifiers'" not in message
+
+
 def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
     _, reference = tiny_run.train_cyclegan("reference", 11, 2)
     original = tiny_run.train_iteration
