@@ -1454,6 +1454,19 @@ def test_rerun_with_other_test_images_rejected(tiny_run):
     assert "'classifiers'" not in message
 
 
+def test_digit_without_test_images_unmapped(nb):
+    confusion = [[0] * 10 for _ in range(10)]
+    confusion[2][7], confusion[2][3], confusion[5][5] = 3, 1, 2
+    mapping = nb.digit_mapping(confusion)
+    assert mapping == [None, None, 7, None, None, 5, None, None, None, None]
+    assert nb.mapping_text(mapping) == "[-, -, 7, -, -, 5, -, -, -, -]"
+
+
+def test_most_common_digit_and_share(nb):
+    labels = torch.tensor([1, 1, 1, 4, 7, 7, 0, 9])
+    assert nb.most_common_digit(labels) == {"digit": 1, "share": 0.375}
+
+
 def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
     _, reference = tiny_run.train_cyclegan("reference", 11, 2)
     original = tiny_run.train_iteration
