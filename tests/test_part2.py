@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import errno
 import gzip
 import hashlib
@@ -380,7 +381,9 @@ def test_fake_class_only_for_generated_images(nb, monkeypatch):
             assert len(targets) == len(inputs), function
 
 
-def test_losses_match_their_equations(nb):
+@pytest.mark.parametrize("cycle_weight", [10.0, 2.5])
+def test_losses_match_their_equations(nb, monkeypatch, cycle_weight):
+    monkeypatch.setattr(nb, "CYCLE_WEIGHT", cycle_weight)
     gan = small_gan(nb)
     (m_data, m_label), (s_data, s_label) = batches()
     frozen_d = torch.optim.SGD([*gan.Dx.parameters(), *gan.Dy.parameters()], lr=0.0)
@@ -392,8 +395,8 @@ def test_losses_match_their_equations(nb):
         expected = {
             "D_ms": ce(Dx(m_data), m_label) + ce(Dy(G(m_data)), fake),
             "D_sm": ce(Dy(s_data), s_label) + ce(Dx(F(s_data)), fake),
-            "G_msm": ce(Dy(G(m_data)), m_label) + nb.CYCLE_WEIGHT * mse(F(G(m_data)), m_data),
-            "G_sms": ce(Dx(F(s_data)), s_label) + nb.CYCLE_WEIGHT * mse(G(F(s_data)), s_data),
+            "G_msm": ce(Dy(G(m_data)), m_label) + cycle_weight * mse(F(G(m_data)), m_data),
+            "G_sms": ce(Dx(F(s_data)), s_label) + cycle_weight * mse(G(F(s_data)), s_data),
         }
     returned = {
         "D_ms": nb.Train_D_ms(Dx, Dy, G, m_data, m_label, optimizer=frozen_d),
@@ -1833,6 +1836,41 @@ def test_batch_norm_calibration_changes_only_statistics(tiny_run):
     assert gan.G.training
     tiny_run.calibrate_batch_norm(gan)  # the same images give the same statistics: no drift
     assert torch.allclose(gan.G.encoder[1].running_var, calibrated)
+
+
+def test_evaluation_calibrates_batch_norm(tiny_run):
+    gan = small_gan(tiny_run)
+    tiny_run.train_iteration(gan, *batches())
+    reference = copy.deepcopy(gan)
+    tiny_run.calibrate_batch_norm(reference)
+    for network in (gan.G, gan.F):
+        for layer in network.modules():
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                layer.running_mean.fill_(5.0)
+    tiny_run.evaluate_cyclegan(gan)
+    for name in ("G", "F"):
+        for key, value in getattr(reference, name).state_dict().items():
+            assert torch.equal(getattr(gan, name).state_dict()[key], value), (name, key)
+
+
+def test_cycle_error_is_per_pixel_value(nb, monkeypatch):
+    """A cycle that adds 0.5 to every pixel value has a squared error of 0.25 per value, in one batch or three."""
+    images = torch.rand(7, 3, 32, 32) * 2 - 1
+    assert nb.cycle_error(torch.nn.Identity(), Shift(0.5), images) == pytest.approx(0.25, rel=1e-6)
+    monkeypatch.setattr(nb, "EVAL_BATCH_SIZE", 3)
+    assert nb.cycle_error(torch.nn.Identity(), Shift(0.5), images) == pytest.approx(0.25, rel=1e-6)
+    assert nb.cycle_error(torch.nn.Identity(), torch.nn.Identity(), images) == 0.0
+
+
+class Shift(torch.nn.Module):
+    """A module that adds `offset` to its input."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, images):
+        return images + self.offset
 
 
 def test_calibration_averages_batch_statistics(tiny_run, monkeypatch):
