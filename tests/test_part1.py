@@ -1101,6 +1101,22 @@ def run_training(part1, checkpoint, settings, stop_after=None, name="MyLSTM_att"
     return model, history
 
 
+def test_recall_follows_fused_setting(part1, monkeypatch):
+    seen = []
+    plain_run = part1.run_cell_over_window
+
+    def recording_run(cell, inputs, fused):
+        seen.append(fused)
+        return plain_run(cell, inputs, fused)
+
+    monkeypatch.setattr(part1, "run_cell_over_window", recording_run)
+    for setting in (False, True):
+        monkeypatch.setattr(part1, "FUSED_RECURRENCE", setting)
+        seen.clear()
+        part1.train_recall(part1.MODEL_CLASSES["MyLSTM_att"], 2, 0, batch_size=4, embed_size=4, hidden_size=6)
+        assert set(seen) == {setting}
+
+
 def test_resumed_training_equals_uninterrupted(part1, tmp_path):
     settings = train_settings(part1)
     straight, straight_history = run_training(part1, tmp_path / "straight.pt", settings)
