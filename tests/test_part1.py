@@ -769,6 +769,15 @@ def test_window_batcher_shifts_and_partial_batch(part1):
     assert torch.equal(batcher.batch(5)[0], inputs), "a step's batch is deterministic"
 
 
+@pytest.mark.parametrize("window, batch_size", [(7, 6), (5, 4), (3, 60)])
+def test_batcher_counts_partial_batch_tokens(part1, window, batch_size):
+    batcher = part1.WindowBatcher(torch.arange(200), window=window, batch_size=batch_size, seed=0)
+    counted = 0
+    for step in range(3 * batcher.batches_per_epoch + 2):
+        assert batcher.tokens_in(step) == counted, step
+        counted += batcher.batch(step)[1].numel()
+
+
 def test_missing_files_offline_error_names_files(part1, tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         part1.ensure_ptb(tmp_path / "ptb", download=False)
