@@ -715,6 +715,36 @@ def test_evaluate_ignores_dropout(part1):
     assert first == second
 
 
+
+def test_evaluate_counts_top5_by_rank(part1):
+    model = tiny_model(part1, "MyLSTM_att", vocab_size=20).float().eval()
+    ids = torch.randint(20, (95,), generator=torch.Generator().manual_seed(3))
+    result = part1.evaluate(model, ids, window=10, batch_size=4)
+    ranks = []
+    with torch.no_grad():
+        for inputs, targets in part1.evaluation_windows(ids, 10, 4):
+            logits = model.forward_all(inputs).flatten(0, 1)
+            target_logits = logits.gather(1, targets.flatten()[:, None])
+            ranks.append((logits > target_logits).sum(dim=1))      # 0 for the most likely word
+    ranks = torch.cat(ranks)
+    assert result["accuracy"] == (ranks == 0).sum().item() / len(ranks)
+    assert result["top5_accuracy"] == (ranks < 5).sum().item() / len(ranks)
+    assert result["top5_accuracy"] > result["accuracy"], "the test data must tell the two apart"
+
+
+def test_generate_samples_in_eval_mode(part1):
+    """Dropout is off while generating, so a seed gives one text, and the model's mode comes back."""
+    words = [f"w{index}" for index in range(30)]
+    vocab = part1.Vocabulary(words)
+    model = tiny_model(part1, "MyLSTM", vocab_size=len(vocab), dropout=0.9).float().eval()
+    expected = part1.generate(model, vocab, "w1 w2", 20, 5, seed=4)
+    model.train()
+    for seed in (1, 2):
+        torch.manual_seed(seed)                  # in train mode, the dropout masks would differ
+        assert part1.generate(model, vocab, "w1 w2", 20, 5, seed=4) == expected
+    assert model.training
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -767,6 +797,20 @@ def test_window_batcher_shifts_and_partial_batch(part1):
     inputs, targets = batcher.batch(5)
     assert torch.equal(targets, inputs + 1)
     assert torch.equal(batcher.batch(5)[0], inputs), "a step's batch is deterministic"
+
+
+
+def test_window_offset_changes_per_pass(part1):
+    """Each pass shifts every window by one offset below the window size, drawn anew per pass."""
+    batcher = part1.WindowBatcher(torch.arange(200), window=7, batch_size=6, seed=3)
+    offsets = []
+    for epoch in range(12):
+        steps = range(epoch * batcher.batches_per_epoch, (epoch + 1) * batcher.batches_per_epoch)
+        starts = torch.cat([batcher.batch(step)[0][:, 0] for step in steps])
+        assert len(set((starts % 7).tolist())) == 1, epoch
+        assert len(starts) == batcher.windows_per_epoch
+        offsets.append(int(starts[0]) % 7)
+    assert len(set(offsets)) > 1
 
 
 @pytest.mark.parametrize("window, batch_size", [(7, 6), (5, 4), (3, 60)])
@@ -1108,6 +1152,53 @@ def run_training(part1, checkpoint, settings, stop_after=None, name="MyLSTM_att"
     history, _ = part1.train_model(name, model, batcher, valid_ids, settings, checkpoint, stop_after=stop_after,
                                    log=lambda *args: None)
     return model, history
+
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that records the learning rate and the gradients' total norm of each step."""
+
+    def __init__(self, parameters, lr):
+        super().__init__(parameters, lr=lr)
+        self.steps = []
+
+    def step(self, closure=None):
+        gradients = [parameter.grad for group in self.param_groups for parameter in group["params"]
+                     if parameter.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grad) for grad in gradients]))
+        self.steps.append({"lr": self.param_groups[0]["lr"], "norm": norm.item()})
+        return super().step(closure)
+
+
+def recorded_training(part1, monkeypatch, checkpoint, settings):
+    """Run run_training with a RecordingAdam and return its record of each step."""
+    optimizers = []
+
+    def make_recording_optimizer(model, learning_rate):
+        optimizers.append(RecordingAdam(model.parameters(), learning_rate))
+        return optimizers[-1]
+
+    monkeypatch.setattr(part1, "make_optimizer", make_recording_optimizer)
+    run_training(part1, checkpoint, settings)
+    return optimizers[-1].steps
+
+
+def test_training_clips_gradient_norm(part1, tmp_path, monkeypatch):
+    unclipped = recorded_training(part1, monkeypatch, tmp_path / "unclipped.pt", train_settings(part1, GRAD_CLIP=1e9))
+    clipped = recorded_training(part1, monkeypatch, tmp_path / "clipped.pt", train_settings(part1, GRAD_CLIP=0.01))
+    assert min(step["norm"] for step in unclipped) > 0.01, "the gradients must need clipping"
+    assert len(clipped) == 6
+    for step in clipped:
+        assert step["norm"] <= 0.01 * (1 + 1e-5)
+
+
+def test_learning_rate_follows_cosine_decay(part1, tmp_path, monkeypatch):
+    settings = train_settings(part1, LEARNING_RATE=0.004)
+    steps = recorded_training(part1, monkeypatch, tmp_path / "decay.pt", settings)
+    assert [step["lr"] for step in steps] == [part1.learning_rate_at(index, 6, 0.004) for index in range(6)]
+    assert part1.learning_rate_at(0, 101, 2.0) == 2.0
+    assert part1.learning_rate_at(50, 101, 2.0) == pytest.approx(1.05)
+    assert part1.learning_rate_at(100, 101, 2.0) == pytest.approx(0.1)
 
 
 def test_recall_follows_fused_setting(part1, monkeypatch):
