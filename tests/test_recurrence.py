@@ -18,8 +18,13 @@ needs_cxx = pytest.mark.skipif(shutil.which(CXX) is None,
                                reason=f"torch.compile's CPU backend needs the C++ compiler {CXX!r}: "
                                       f"install g++ or set CXX")
 
-PRODUCT_VARIANTS = ("35 products, W_hh packed", "x2h product over the window",
-                    "backward: 35 products dz_t W_hh", "backward: 3 products over the window")
+VARIANTS = ("torch.nn.LSTM forward+backward", "MyLSTM recurrence forward+backward",
+            "LSTMRecurrence forward, x2h included", "35 products, W_hh packed", "35 products, W_hh not packed",
+            "x2h product over the window", "backward: 35 products dz_t W_hh",
+            "backward: 35 products dz_t W_hh, W_hh^T packed", "backward: 3 products over the window",
+            "35 times tanh of (64, H)", "35 times sigmoid of (64, 4H)", "Adam step, fused",
+            "Adam step, per-tensor loop")
+MKL_VARIANT = "35 products through MKL's packed multiply"
 
 
 def test_breakdown_writes_every_variant(tmp_path):
@@ -27,7 +32,8 @@ def test_breakdown_writes_every_variant(tmp_path):
     assert recurrence.main(["--hidden", "8", "--rounds", "2", "--warmup", "1", "--output", str(output)]) == 0
     results = json.loads(output.read_text())
     variants = {row["variant"]: row for row in results["rows"]}
-    assert set(PRODUCT_VARIANTS) <= set(variants)
+    expected = {*VARIANTS, MKL_VARIANT} if recurrence.MKL_LINEAR_OP is not None else set(VARIANTS)
+    assert set(variants) == expected
     assert {row["hidden"] for row in results["rows"]} == {8}
     for name, row in variants.items():
         assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"], name
@@ -70,7 +76,7 @@ def test_compiled_recurrence_is_checked_and_timed(tmp_path):
 
 
 def test_plain_window_matches_the_notebook_recurrence(part1):
-    """The compiled variant's math, run eagerly: the same hidden states as LSTMRecurrence."""
+    """The compiled variant's math, run eagerly: the same hidden states as the plain loop and LSTMRecurrence."""
     torch.manual_seed(1)
     cell = part1.MyLSTMCell(6, 5)
     inputs = torch.randn(3, 7, 6)
@@ -79,6 +85,7 @@ def test_plain_window_matches_the_notebook_recurrence(part1):
                                  cell.x2h.bias + cell.h2h.bias, cell.h2h.weight).transpose(0, 1)
     expected = part1.run_cell_over_window(cell, inputs, fused=False)
     torch.testing.assert_close(hs, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hs, part1.run_cell_over_window(cell, inputs, fused=True), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(hs, part1.run_cell_over_window(cell, inputs.flip(1), fused=False))
 
 
