@@ -1031,7 +1031,9 @@ def test_interrupted_svhn_download_leaves_nothing(nb, tmp_path, monkeypatch, ser
     monkeypatch.setattr(nb, "SVHN_SOURCES", {split: (f"{base_url}/{filename}", filename, md5)
                                              for split, (_, filename, md5) in nb.SVHN_SOURCES.items()})
     monkeypatch.setattr(nb, "DOWNLOAD_TIMEOUT_S", 20)      # longer than the interrupt takes to arrive
-    interrupt = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    # Sent to the main thread, whose blocked read it interrupts. The kernel may hand a signal sent to the
+    # process to any of its threads, and then the read goes on until the server closes the connection.
+    interrupt = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     interrupt.start()
     try:
         with pytest.raises(KeyboardInterrupt):
