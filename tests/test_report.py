@@ -54,6 +54,58 @@ def test_placeholder_lookup_and_errors(tmp_path):
         make_report.render("{{part1_full/a}}", tmp_path)
 
 
+
+@pytest.mark.parametrize("placeholder, message", [
+    ("{{r/none}}", "expected a number or a string, found null"),
+    ("{{r/none|.1f}}", "expected a number, found null"),
+    ("{{r/flag|.1%}}", "expected a number, found true"),
+    ("{{r/nan|.3f}}", "expected a finite number, found NaN"),
+    ("{{r/table}}", 'expected a number or a string, found {"a": 1}'),
+    ("{{r/name|.1f}}", 'expected a number, found "x"'),
+    ("{{r/count|.1q}}", "format spec '.1q' does not fit 3"),
+    ("{{r/count|argmax}}", "expected a list of non-empty rows of numbers for |argmax, found 3"),
+    ("{{r/count|text}}", "expected a string for |text, found 3"),
+])
+def test_unshowable_value_named(tmp_path, placeholder, message):
+    (tmp_path / "r.json").write_text('{"none": null, "flag": true, "nan": NaN, "table": {"a": 1}, "name": "x", '
+                                     '"count": 3}')
+    with pytest.raises(make_report.ReportError) as error:
+        make_report.render(f"value {placeholder}.", tmp_path)
+    assert str(error.value).startswith(f"placeholder {placeholder!r}: {message}")
+
+
+def test_malformed_placeholder_named(tmp_path):
+    (tmp_path / "r.json").write_text('{"steps": 6}')
+    with pytest.raises(make_report.ReportError) as error:
+        make_report.render("{{r/steps}} steps\nrun for {{r/steps} steps", tmp_path)
+    assert str(error.value).startswith("line 2 of the template has a malformed placeholder: "
+                                       "'run for {{r/steps} steps'")
+
+
+def test_results_file_not_json_named(tmp_path):
+    (tmp_path / "r.json").write_text('{"steps": 6')
+    with pytest.raises(make_report.ReportError) as error:
+        make_report.render("{{r/steps}}", tmp_path)
+    assert str(error.value).startswith(f"results file {tmp_path / 'r.json'} is not valid JSON (")
+
+
+def test_failed_write_keeps_old_report(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text('{"steps": 6}')
+    (tmp_path / "REPORT.template.md").write_text("{{r/steps}} steps\n")
+    (tmp_path / "REPORT.md").write_text("the previous report\n")
+    original = make_report.Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):
+        original(path, text[:3], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(make_report.Path, "write_text", disk_full)
+    assert make_report.main(["--report-dir", str(tmp_path)]) == 1
+    assert (tmp_path / "REPORT.md").read_text() == "the previous report\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["REPORT.md", "REPORT.template.md", "results"]
+
+
 def load_results(repo_root, name):
     return json.loads((repo_root / "report" / "results" / f"{name}.json").read_text())
 

@@ -11,7 +11,10 @@ the value is inserted as it is (strings, such as a ready-made table). ``|text``
 escapes ``<``, ``>`` and ``|``, so that text such as ``<unk>`` shows in
 Markdown, also inside a table. ``|argmax`` turns a matrix (a list of rows) into
 the index of each row's largest entry, for example the digit read most often
-per source digit of a confusion matrix.
+per source digit of a confusion matrix. A value that its spec cannot show
+(null, true or false, NaN, a dict where a number belongs), a results file that
+is not JSON, and a ``{{`` or ``}}`` left over from a malformed placeholder all
+stop the rendering with an error that names the placeholder or line.
 
     python -m tools.make_report            # write report/REPORT.md
     python -m tools.make_report --check    # exit 1 if REPORT.md is out of date
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,7 +35,7 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_./ -]+?)\s*(?:\|\s*([^}]*?)\s*)?\}
 
 
 class ReportError(ValueError):
-    """A placeholder names a results file or a key that does not exist."""
+    """A placeholder that names a missing results file or key, or a value that its spec cannot show."""
 
 
 def lookup(results_dir: Path, path: str, cache: dict[str, object]):
@@ -41,7 +46,11 @@ def lookup(results_dir: Path, path: str, cache: dict[str, object]):
         if not file.is_file():
             raise ReportError(f"results file {file} not found (placeholder {path!r}); "
                               f"run the notebook for that profile first")
-        cache[stem] = json.loads(file.read_text())
+        try:
+            cache[stem] = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ReportError(f"results file {file} is not valid JSON ({error}; placeholder {path!r}); "
+                              f"run the notebook for that profile again") from error
     value = cache[stem]
     for depth, key in enumerate(keys):
         if isinstance(value, list):
@@ -57,19 +66,51 @@ def lookup(results_dir: Path, path: str, cache: dict[str, object]):
     return value
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_value(value, spec: str | None, placeholder: str) -> str:
+    """Return `value` formatted by the placeholder's `spec`, or raise ReportError if the spec cannot show it."""
+    def invalid(expected):
+        return ReportError(f"placeholder {placeholder!r}: expected {expected}, found {json.dumps(value)[:80]}; "
+                           f"fix the placeholder or rerun the notebook that writes the value")
+
+    if spec == "argmax":
+        if not isinstance(value, list) or not all(isinstance(row, list) and row and all(map(is_number, row))
+                                                  for row in value):
+            raise invalid("a list of non-empty rows of numbers for |argmax")
+        return str([max(range(len(row)), key=row.__getitem__) for row in value])
+    if spec == "text":
+        if not isinstance(value, str):
+            raise invalid("a string for |text")
+        return value.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    if isinstance(value, str) and not spec:
+        return value
+    if not is_number(value):
+        raise invalid("a number" + ("" if spec else " or a string"))
+    if not math.isfinite(value):
+        raise invalid("a finite number")
+    try:
+        return format(value, spec or "")
+    except ValueError as error:
+        raise ReportError(f"placeholder {placeholder!r}: format spec {spec!r} does not fit {value!r} "
+                          f"({error})") from error
+
+
 def render(template: str, results_dir: Path) -> str:
+    """Return `template` with each placeholder replaced by its value, formatted."""
     cache: dict[str, object] = {}
 
     def substitute(match: re.Match) -> str:
-        value = lookup(results_dir, match.group(1), cache)
-        spec = match.group(2)
-        if spec == "argmax":
-            return str([max(range(len(row)), key=row.__getitem__) for row in value])
-        if spec == "text":
-            return str(value).replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-        return format(value, spec) if spec else str(value)
+        return format_value(lookup(results_dir, match.group(1), cache), match.group(2), match.group(0))
 
-    return PLACEHOLDER.sub(substitute, template)
+    rendered = PLACEHOLDER.sub(substitute, template)
+    for number, line in enumerate(PLACEHOLDER.sub("", template).splitlines(), start=1):
+        if "{{" in line or "}}" in line:       # a placeholder that the pattern did not match
+            raise ReportError(f"line {number} of the template has a malformed placeholder: {line.strip()[:100]!r}; "
+                              f"write it as {{{{file/key/key|spec}}}}")
+    return rendered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{target} is up to date with the results files")
         return 0
-    target.write_text(rendered)
+    # Written beside the report and renamed over it, so that a failed write leaves the old report whole.
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        partial.write_text(rendered)
+        os.replace(partial, target)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        print(f"cannot write {target} ({error}); the previous report is unchanged", file=sys.stderr)
+        return 1
     print(f"wrote {target}")
     return 0
 
