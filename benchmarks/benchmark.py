@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -398,7 +399,7 @@ def markdown_table(rows):
     for row in rows:
         parts = row["case"].split(":")
         ratio = ""
-        if parts[0] == "lstm":
+        if parts[0] == "lstm" and (parts[3], parts[4]) in reference:     # missing where its run failed
             ratio = f"{ratio_to_reference(row, reference[(parts[3], parts[4])]):.2f}"
         data = f"{100 * row['data_share']:.1f}%" if "data_share" in row else ""
         lines.append(f"| {row['case']} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
@@ -525,6 +526,44 @@ def main(argv=None):
     # Every case runs once per round, in the same order each round, so that a slow spell of a shared
     # machine falls on all cases alike instead of on the few that ran during it.
     cases = all_cases(args.only)
+    results, failure = run_rounds(cases, args)
+    rows = [summarise(case, result, machine_rate) for case, result in results.items() if result is not None]
+
+    record = {"machine": machine, "matmul_rate_flop_s": rates, "bfloat16_matmul_rate_flop_s": bfloat16_rate,
+              "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
+              "flops_counted_on": "the same model run as a plain loop with oneDNN off (MyLSTM for TorchLSTM)",
+              "rows": rows}
+    if failure is not None:
+        record["failed"] = failure            # the rows hold the rounds that finished before it
+    written = write_results(output, record)
+    print()
+    print(markdown_table(rows))
+    status = report_written(written)
+    if failure is not None:
+        print(f"\n{failure['case']} failed in round {failure['round']} ({failure['exit']}), so the run stopped; "
+              f"the results file keeps the rounds finished before it", file=sys.stderr)
+        return 1
+    return status
+
+
+def exit_description(code):
+    """Return a subprocess's return code in words: an exit status, or the signal that killed it."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "a signal unknown to Python"
+    return f"killed by signal {-code} ({name})"
+
+
+def run_rounds(cases, args):
+    """Run every case once per round, each in a process of its own; return ({case: pooled result}, failure).
+
+    The result of a case is None until one of its rounds finishes. A case that fails stops the run. The
+    failure then records the case, round, exit status and the end of its stderr, and is None where every
+    case finished.
+    """
     results = {case: None for case in cases}
     for round_number in range(1, args.rounds + 1):
         for case in cases:
@@ -532,24 +571,16 @@ def main(argv=None):
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
             completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
             if completed.returncode != 0:
-                print(f"{case}: failed\n{completed.stderr[-2000:]}", file=sys.stderr)
-                return 1
+                exit_text = exit_description(completed.returncode)
+                print(f"{case}: failed, {exit_text}\n{completed.stderr[-2000:]}", file=sys.stderr)
+                return results, {"case": case, "round": round_number, "exit": exit_text,
+                                 "stderr_end": completed.stderr[-2000:]}
             result = json.loads(completed.stdout.strip().splitlines()[-1])
             results[case] = merge_rounds(results[case], result)
             median_ms = 1000 * statistics.median(result["times_s"])
             print(f"round {round_number}/{args.rounds} {case:44s} {median_ms:8.1f} ms "
                   f"{result['peak_memory_mib']:6.0f} MiB", flush=True)
-    rows = [summarise(case, result, machine_rate) for case, result in results.items()]
-
-    written = write_results(output, {"machine": machine, "matmul_rate_flop_s": rates,
-                                     "bfloat16_matmul_rate_flop_s": bfloat16_rate, "repeats": args.repeats,
-                                     "warmup": args.warmup, "rounds": args.rounds,
-                                     "flops_counted_on": "the same model run as a plain loop with oneDNN off "
-                                                         "(MyLSTM for TorchLSTM)",
-                                     "rows": rows})
-    print()
-    print(markdown_table(rows))
-    return report_written(written)
+    return results, None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import tempfile
 
 import pytest
@@ -167,6 +168,33 @@ def test_results_kept_when_output_fails(tmp_path, capsys):
         assert f"writing {path} failed" in capsys.readouterr().err
     finally:
         written.unlink(missing_ok=True)
+
+
+def test_failed_case_keeps_finished_rows(tmp_path, monkeypatch, capsys):
+    """The fourth case's process is killed in the first round: the three before it are written, and the status is 1."""
+    cases = benchmark.all_cases("lstm")
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command[command.index("--case") + 1])
+        if len(calls) == 4:
+            return subprocess.CompletedProcess(command, -9, "", "Killed\n")
+        result = {"times_s": [0.01 * len(calls)], "flops": 1e9, "peak_memory_mib": 100.0}
+        return subprocess.CompletedProcess(command, 0, json.dumps(result) + "\n", "")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    monkeypatch.setattr(benchmark, "matmul_rate", lambda device: {"torch.mm": 1e11})
+    monkeypatch.setattr(benchmark, "bfloat16_matmul_rate", lambda device: None)
+    monkeypatch.setattr(benchmark, "describe_machine",
+                        lambda: {"cpu": "test", "torch_cpu_capability": "none", "cpu_cores": 2, "gpu": None})
+    output = tmp_path / "results.json"
+    assert benchmark.main(["--only", "lstm", "--rounds", "2", "--repeats", "1", "--output", str(output)]) == 1
+    written = json.loads(output.read_text())
+    assert [row["case"] for row in written["rows"]] == cases[:3]
+    assert [row["median_ms"] for row in written["rows"]] == pytest.approx([10.0, 20.0, 30.0])
+    assert written["failed"] == {"case": cases[3], "round": 1, "exit": "killed by signal 9 (SIGKILL)",
+                                 "stderr_end": "Killed\n"}
+    assert f"{cases[3]} failed in round 1 (killed by signal 9 (SIGKILL))" in capsys.readouterr().err
 
 
 def test_results_printed_when_both_fail(tmp_path, monkeypatch, capsys):
