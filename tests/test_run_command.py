@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import shutil
@@ -186,6 +187,36 @@ def test_killed_kernel_names_cell_and_memory(tmp_path):
     assert "Otherwise run the same command again to resume." in message
 
 
+def test_cell_timeout_names_cell_and_limit(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                               nbformat.v4.new_code_cell("import time\ntime.sleep(60)")])
+    path = tmp_path / "slow.ipynb"
+    nbformat.write(notebook, path)
+    started = time.monotonic()
+    with pytest.raises(run_notebooks.NotebookFailed) as error:
+        run_notebooks.execute_notebook(path, tmp_path / "slow.out.ipynb", timeout_per_cell=2,
+                                       log=lambda *args, **kwargs: None)
+    assert time.monotonic() - started < 50
+    assert str(error.value) == ("slow.ipynb: code cell 2 of 2 ('import time') ran longer than the 2 s allowed per "
+                                "cell, so the run stopped. Checkpoints written so far are kept: raise "
+                                "--cell-timeout, and run the same command again to resume.")
+    assert (tmp_path / "slow.out.failed.ipynb").exists()
+
+
+def test_kernel_that_never_starts_named(tmp_path, monkeypatch):
+    @contextlib.contextmanager
+    def dead_kernel(self, **kwargs):
+        raise RuntimeError("Kernel died before replying to kernel_info")
+        yield
+
+    monkeypatch.setattr(run_notebooks.EchoingClient, "setup_kernel", dead_kernel)
+    path = write_tiny_notebook(tmp_path / "tiny.ipynb", "hello")
+    with pytest.raises(run_notebooks.NotebookFailed) as error:
+        run_notebooks.execute_notebook(path, tmp_path / "tiny.out.ipynb", log=lambda *args, **kwargs: None)
+    assert str(error.value).startswith("tiny.ipynb: the kernel did not start (Kernel died before replying to "
+                                       "kernel_info). Check that ipykernel is installed")
+
+
 def test_resume_advice_drops_force_retrain(monkeypatch):
     monkeypatch.delenv("FORCE_RETRAIN", raising=False)
     assert run_notebooks.resume_advice({}) == "run the same command again to resume"
@@ -241,6 +272,61 @@ def test_non_notebook_argument_is_rejected(name, capsys):
     message = capsys.readouterr().err
     assert repr(name) in message
     assert "part1_lstm.ipynb" in message, "the error lists the notebooks"
+
+
+@pytest.mark.parametrize("content, found", [
+    ("{}", "ValidationError"),
+    ("[]", "AttributeError"),
+    (None, "SyntaxError: '(' was never closed"),
+])
+def test_malformed_notebook_is_rejected(tmp_path, capsys, content, found):
+    path = tmp_path / "broken.ipynb"
+    if content is None:
+        cells = [nbformat.v4.new_code_cell("SEED = (", metadata={"tags": [PARAMETERS_TAG]}),
+                 nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["definitions"]})]
+        nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+    else:
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", str(path)])
+    message = capsys.readouterr().err
+    assert f"{str(path)!r} cannot be run ({found}" in message
+    assert "choose from part1_lstm.ipynb, part2_cyclegan.ipynb" in message
+
+
+def test_relative_notebook_checked_from_its_folder(tmp_path, monkeypatch, capsys):
+    """A notebook path relative to the current folder, not the repository root, reaches the settings check."""
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    for name in run_notebooks.NOTEBOOKS:
+        shutil.copy(run_notebooks.REPO_ROOT / name, folder / name)
+    checked = []
+
+    def settings_error(path, env):
+        checked.append(path)
+        return "stopped by the test"
+
+    monkeypatch.setattr(run_notebooks, "settings_error", settings_error)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                            "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}",
+                            "copies/part1_lstm.ipynb", "copies/part2_cyclegan.ipynb"])
+    assert checked == [folder / "part2_cyclegan.ipynb"]
+    assert "part2_cyclegan.ipynb: stopped by the test" in capsys.readouterr().err
+
+
+def test_parameters_and_definitions_tags_clash(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# title"),
+        nbformat.v4.new_code_cell("SEED = 0", metadata={"tags": [PARAMETERS_TAG]}),
+        nbformat.v4.new_markdown_cell("Definitions follow."),
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": [PARAMETERS_TAG, "definitions"]})])
+    path = tmp_path / "clash.ipynb"
+    nbformat.write(notebook, path)
+    with pytest.raises(ValueError) as error:
+        tagged_cells(path)
+    assert str(error.value).startswith(f"{path}: code cell 2 is tagged both 'parameters' and 'definitions'")
 
 
 @pytest.mark.parametrize("notebooks", [[], ["part1_lstm.ipynb"]])

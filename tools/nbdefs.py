@@ -37,12 +37,11 @@ def tagged_cells(notebook_path: str | os.PathLike) -> list[tuple[str, str]]:
     path = Path(notebook_path)
     notebook = nbformat.read(path, as_version=4)
     cells = []
-    for index, cell in enumerate(notebook.cells):
-        if cell.cell_type != "code":
-            continue
+    code_cells = (cell for cell in notebook.cells if cell.cell_type == "code")
+    for number, cell in enumerate(code_cells, start=1):
         tags = set(cell.get("metadata", {}).get("tags", []))
         if PARAMETERS_TAG in tags and DEFINITIONS_TAG in tags:
-            raise ValueError(f"{path}: code cell {index} is tagged both {PARAMETERS_TAG!r} and "
+            raise ValueError(f"{path}: code cell {number} is tagged both {PARAMETERS_TAG!r} and "
                              f"{DEFINITIONS_TAG!r}; give it one of the two tags.")
         if PARAMETERS_TAG in tags:
             cells.append((PARAMETERS_TAG, cell.source))

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError, DeadKernelError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from traitlets.config import Config
 
 from tools.nbdefs import PARAMETERS_TAG, tagged_cells
@@ -253,9 +253,10 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                            kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}},
                            config=kernel_config(socket_dir))
     code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
-    failure, finished = None, False
+    failure, finished, kernel_started = None, False, False
     try:
         with client.setup_kernel(env=kernel_env), InterruptForwarder(client.km) as interrupt:
+            kernel_started = True
             for number, index in enumerate(code_cells, start=1):
                 if interrupt.requested:
                     break
@@ -279,7 +280,19 @@ def execute_notebook(notebook_path: str | os.PathLike, output_path: str | os.Pat
                         f"('{_cell_title(cell)}'): {error}. Checkpoints written so far are kept. "
                         f"{out_of_memory_advice(notebook_path.name)} Otherwise {resume_advice(env or {})}.")
                     break
+                except CellTimeoutError:
+                    failure = NotebookFailed(
+                        f"{notebook_path.name}: code cell {number} of {len(code_cells)} ('{_cell_title(cell)}') "
+                        f"ran longer than the {timeout_per_cell:,d} s allowed per cell, so the run stopped. "
+                        f"Checkpoints written so far are kept: raise --cell-timeout, and {resume_advice(env or {})}.")
+                    break
             finished = failure is None and not interrupt.requested
+    except RuntimeError as error:
+        if kernel_started:
+            raise
+        failure = NotebookFailed(f"{notebook_path.name}: the kernel did not start ({error}). Check that "
+                                 f"ipykernel is installed in this environment (scripts/setup.sh installs it), "
+                                 f"and run again.")
     finally:
         if socket_dir is not None:
             shutil.rmtree(socket_dir, ignore_errors=True)
@@ -577,7 +590,13 @@ def main(argv: list[str] | None = None) -> int:
                              "from the repository root (default: report)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override any other setting, e.g. --set TARGET_DOMAIN=synthetic")
+    parser.add_argument("--cell-timeout", type=int, default=3600, metavar="SECONDS",
+                        help="stop a notebook whose code cell runs longer than this (default 3600; in the kept "
+                             "cpu profile runs, the longest cell trained for 16.3 minutes, part 2 on the AVX2 "
+                             "host)")
     args = parser.parse_args(argv)
+    if args.cell_timeout < 1:
+        parser.error(f"--cell-timeout must be at least 1 second, got {args.cell_timeout}")
     # A PROFILE variable bypasses argparse's choices. The notebooks read " Smoke " as smoke, and so does this.
     profile = args.profile.strip().lower()
     if profile not in PROFILES:
@@ -604,15 +623,17 @@ def main(argv: list[str] | None = None) -> int:
 
     settings_by_path = {}
     for name in args.notebooks:
-        path = (REPO_ROOT / name) if not Path(name).exists() else Path(name)
+        # Resolved here, because the checks below run from the repository root.
+        path = Path(name).resolve() if Path(name).exists() else REPO_ROOT / name
         if not path.exists():
             parser.error(f"notebook {name!r} not found; choose from {', '.join(NOTEBOOKS)}")
         if not path.is_file() or path.suffix != ".ipynb":
             parser.error(f"{name!r} is not a notebook file (.ipynb); choose from {', '.join(NOTEBOOKS)}")
         try:
             settings_by_path[path] = setting_names(path)
-        except ValueError as error:          # also nbformat's NotJSONError and a missing parameters cell
-            parser.error(f"{name!r} cannot be run: {error}; choose from {', '.join(NOTEBOOKS)}")
+        except Exception as error:       # nbformat and jsonschema raise many kinds for a malformed file
+            parser.error(f"{name!r} cannot be run ({type(error).__name__}: {str(error)[:300]}); choose from "
+                         f"{', '.join(NOTEBOOKS)}")
     paths = list(settings_by_path)
     known = set().union(*settings_by_path.values()) - {"PROFILE_SETTINGS"}   # a table, not a setting
     # The README's commands set part 2's TARGET_DOMAIN for both notebooks, so a setting of a notebook
@@ -671,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         started_count += 1
         output = report_dir / "executed" / executed_copy_name(path, resolved_profile(args.profile), env)
         try:
-            execute_notebook(path, output, env=env)
+            execute_notebook(path, output, env=env, timeout_per_cell=args.cell_timeout)
         except NotebookFailed as error:
             print(f"\nFAILED: {error}", file=sys.stderr)
             status = 1
