@@ -1316,7 +1316,8 @@ def test_full_disk_keeps_earlier_figure(part1, tmp_path, monkeypatch, suffix):
     fig, ax = part1.plt.subplots()
     ax.plot([0, 1], [1, 0])
     png = part1.save_figure(fig, "curve")
-    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    pending = part1.pending_figures()
+    earlier = {path.name: path.read_bytes() for path in pending.iterdir()}
     monkeypatch.setattr(part1, "open_new_file", opener_onto_full_disk(suffix, part1.open_new_file))
     with pytest.raises(OSError) as error:
         part1.save_figure(fig, "curve")
@@ -1324,7 +1325,34 @@ def test_full_disk_keeps_earlier_figure(part1, tmp_path, monkeypatch, suffix):
     failed = png.with_suffix(suffix.removesuffix(".partial"))
     assert str(error.value).startswith(f"writing {failed} failed (No space left on device); ")
     assert sorted(earlier) == ["part1_smoke_curve.pdf", "part1_smoke_curve.png"]
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier
+    assert {path.name: path.read_bytes() for path in pending.iterdir()} == earlier
+
+
+def test_figures_wait_for_results_file(part1, tmp_path, monkeypatch):
+    """A run stopped before its results file leaves the last finished run's figures in FIGURE_DIR."""
+    monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
+    (tmp_path / "part1_smoke_curve.png").write_bytes(b"the last finished run's")
+    fig, ax = part1.plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = part1.save_figure(fig, "curve")
+    part1.plt.close(fig)
+    assert png == tmp_path / ".pending_part1_smoke" / "part1_smoke_curve.png"
+    assert (tmp_path / "part1_smoke_curve.png").read_bytes() == b"the last finished run's"
+    assert part1.publish_figures() == [tmp_path / "part1_smoke_curve.pdf", tmp_path / "part1_smoke_curve.png"]
+    assert (tmp_path / "part1_smoke_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["part1_smoke_curve.pdf", "part1_smoke_curve.png"]
+
+
+def test_interrupted_runs_figures_discarded(part1, tmp_path, monkeypatch):
+    monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
+    pending = tmp_path / ".pending_part1_smoke"
+    pending.mkdir()
+    (pending / "part1_smoke_curve.png").write_bytes(b"from a run stopped midway")
+    (tmp_path / "part1_smoke_curve.png").write_bytes(b"the last finished run's")
+    part1.discard_pending_figures()
+    assert not pending.exists()
+    assert part1.publish_figures() == []
+    assert (tmp_path / "part1_smoke_curve.png").read_bytes() == b"the last finished run's"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
@@ -1963,6 +1991,7 @@ def test_notebook_smoke_run_end_to_end(run_notebook, tmp_path):
     for name in ("learning_curves", "attention_heatmaps", "recall_experiment", "recall_attention"):
         assert_png_not_blank(report / "figures" / f"part1_smoke_{name}.png")
         assert (report / "figures" / f"part1_smoke_{name}.pdf").stat().st_size > 1000
+    assert not (report / "figures" / ".pending_part1_smoke").exists()
 
 
 

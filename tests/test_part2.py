@@ -599,16 +599,30 @@ def test_full_disk_keeps_earlier_figure(nb, tmp_path, monkeypatch):
     fig, ax = nb.plt.subplots()
     ax.plot([0, 1], [1, 0])
     nb.save_figure(fig, "curve")
-    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    earlier = {path.name: path.read_bytes() for path in nb.pending_figures().iterdir()}
     monkeypatch.setattr(nb, "open_new_file", opener_onto_full_disk(".pdf.partial", nb.open_new_file))
     with pytest.raises(OSError) as error:
         nb.save_figure(fig, "curve")
     nb.plt.close(fig)
-    pdf = tmp_path / f"{nb.RUN_NAME}_curve.pdf"
+    pdf = nb.pending_figures() / f"{nb.RUN_NAME}_curve.pdf"
     assert str(error.value).startswith(f"writing {pdf} failed (No space left on device); ")
     assert str(error.value).endswith(f"The earlier {pdf.name} is unchanged, and the checkpoints are kept, so a "
                                      f"rerun reuses the trained models.")
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier
+    assert {path.name: path.read_bytes() for path in nb.pending_figures().iterdir()} == earlier
+
+
+def test_figures_published_with_results(nb, tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "FIGURE_DIR", tmp_path)
+    (tmp_path / f"{nb.RUN_NAME}_curve.png").write_bytes(b"the last finished run's")
+    fig, ax = nb.plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = nb.save_figure(fig, "curve")
+    nb.plt.close(fig)
+    assert png == tmp_path / f".pending_{nb.RUN_NAME}" / f"{nb.RUN_NAME}_curve.png"
+    assert (tmp_path / f"{nb.RUN_NAME}_curve.png").read_bytes() == b"the last finished run's"
+    assert nb.publish_figures() == [tmp_path / f"{nb.RUN_NAME}_curve.pdf", tmp_path / f"{nb.RUN_NAME}_curve.png"]
+    assert (tmp_path / f"{nb.RUN_NAME}_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert not png.parent.exists()
 
 
 def test_stray_bytes_after_archive_counted(nb, tmp_path):
@@ -1991,6 +2005,7 @@ def test_notebook_smoke_end_to_end(run_notebook, tmp_path, target_domain):
         stem = figures / f"part2_smoke_{target_domain}_{name}"
         assert stem.with_suffix(".pdf").exists(), name
         assert nonblank_png(stem.with_suffix(".png")), name
+    assert not (figures / f".pending_part2_smoke_{target_domain}").exists()
     executed = nbformat.read(report / "executed" / NOTEBOOK, as_version=4)
     outputs = "".join(output.get("text", "") for cell in executed.cells
                       if cell.cell_type == "code" for output in cell.get("outputs", []))
