@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r} is not NAME=VALUE; write e.g. --set SEED=1")
         env[name] = value
 
-    settings_by_path = {}
+    paths, settings_by_notebook = [], []      # a list, since a notebook may be named twice
     for name in args.notebooks:
         # Resolved here, because the checks below run from the repository root.
         path = Path(name).resolve() if Path(name).exists() else REPO_ROOT / name
@@ -630,12 +630,12 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file() or path.suffix != ".ipynb":
             parser.error(f"{name!r} is not a notebook file (.ipynb); choose from {', '.join(NOTEBOOKS)}")
         try:
-            settings_by_path[path] = setting_names(path)
+            settings_by_notebook.append(setting_names(path))
+            paths.append(path)
         except Exception as error:       # nbformat and jsonschema raise many kinds for a malformed file
             parser.error(f"{name!r} cannot be run ({type(error).__name__}: {str(error)[:300]}); choose from "
                          f"{', '.join(NOTEBOOKS)}")
-    paths = list(settings_by_path)
-    known = set().union(*settings_by_path.values()) - {"PROFILE_SETTINGS"}   # a table, not a setting
+    known = set().union(*settings_by_notebook) - {"PROFILE_SETTINGS"}   # a table, not a setting
     # The README's commands set part 2's TARGET_DOMAIN for both notebooks, so a setting of a notebook
     # left out of this run is skipped with a note, while a name that no notebook has is an error.
     skipped = {name: setting_names(REPO_ROOT / name) - {"PROFILE_SETTINGS"} for name in NOTEBOOKS
