@@ -1045,8 +1045,10 @@ def test_interrupted_svhn_download_leaves_nothing(nb, tmp_path, monkeypatch, ser
     monkeypatch.setattr(nb, "SVHN_SOURCES", {split: (f"{base_url}/{filename}", filename, md5)
                                              for split, (_, filename, md5) in nb.SVHN_SOURCES.items()})
     monkeypatch.setattr(nb, "DOWNLOAD_TIMEOUT_S", 20)      # longer than the interrupt takes to arrive
-    # Sent to the main thread, whose blocked read it interrupts. The kernel may hand a signal sent to the
-    # process to any of its threads, and then the read goes on until the server closes the connection.
+    # Python raises KeyboardInterrupt only where SIGINT has its default handler, and a shell starts a
+    # background job, such as a CI script run with &, with SIGINT ignored. Sent to the main thread, the
+    # signal interrupts its blocked read.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupt = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     interrupt.start()
     try:
@@ -1054,6 +1056,7 @@ def test_interrupted_svhn_download_leaves_nothing(nb, tmp_path, monkeypatch, ser
             nb.load_svhn(tmp_path / "data", download=True)
     finally:
         interrupt.cancel()
+        signal.signal(signal.SIGINT, previous_handler)
     assert not (tmp_path / "data").exists()
 
 
