@@ -540,8 +540,8 @@ def main(argv=None):
     print(markdown_table(rows))
     status = report_written(written)
     if failure is not None:
-        print(f"\n{failure['case']} failed in round {failure['round']} ({failure['exit']}), so the run stopped; "
-              f"the results file keeps the rounds finished before it", file=sys.stderr)
+        print(f"\n{failure['case']} failed in round {failure['round']} ({failure['exit']}), so the run stopped. "
+              f"The results file keeps the rounds finished before it", file=sys.stderr)
         return 1
     return status
 
@@ -558,7 +558,7 @@ def exit_description(code):
 
 
 def run_rounds(cases, args):
-    """Run every case once per round, each in a process of its own; return ({case: pooled result}, failure).
+    """Run every case once per round, each in a process of its own, and return ({case: pooled result}, failure).
 
     The result of a case is None until one of its rounds finishes. A case that fails stops the run. The
     failure then records the case, round, exit status and the end of its stderr, and is None where every

@@ -2781,7 +2781,7 @@ def test_name_stored_as_numbers_rejected(nb, tmp_path):
 
 
 def test_ascii_utf8_name_accepted(nb, tmp_path):
-    """scipy reads a name stored as UTF-8 where it is ASCII, because some malformed files store names so."""
+    """scipy reads a name stored as UTF-8 where it is ASCII, because some malformed files store names that way."""
     path = tmp_path / "train_32x32.mat"
     write_svhn_y_name_as(path, 16)
     assert sorted(key for key in scipy.io.loadmat(path) if not key.startswith("__")) == ["X", "y"]

@@ -49,8 +49,8 @@ def lookup(results_dir: Path, path: str, cache: dict[str, object]):
         try:
             cache[stem] = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ReportError(f"results file {file} is not valid JSON ({error}; placeholder {path!r}); "
-                              f"run the notebook for that profile again") from error
+            raise ReportError(f"results file {file} is not valid JSON ({error}), so placeholder {path!r} cannot be "
+                              f"filled. Run the notebook for that profile again") from error
     value = cache[stem]
     for depth, key in enumerate(keys):
         if isinstance(value, list):
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(partial, target)
     except OSError as error:
         partial.unlink(missing_ok=True)
-        print(f"cannot write {target} ({error}); the previous report is unchanged", file=sys.stderr)
+        print(f"writing {target} failed ({error}). The previous report is unchanged", file=sys.stderr)
         return 1
     print(f"wrote {target}")
     return 0

@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             settings_by_notebook.append(setting_names(path))
             paths.append(path)
-        except Exception as error:       # nbformat and jsonschema raise many kinds for a malformed file
+        except Exception as error:       # nbformat and jsonschema raise many exception types for a malformed file
             parser.error(f"{name!r} cannot be run ({type(error).__name__}: {str(error)[:300]}); choose from "
                          f"{', '.join(NOTEBOOKS)}")
     known = set().union(*settings_by_notebook) - {"PROFILE_SETTINGS"}   # a table, not a setting
