@@ -12,15 +12,16 @@ with the notebook's default settings (tools/nbdefs.py loads its definitions cell
 - run_cell_over_window with the fused recurrence, forward and backward, x2h included;
 - the forward pass of LSTMRecurrence alone (x2h included, no gradients);
 - only the loop's matrix products: 35 times h W_hh^T + x_gates through linear(), with W_hh
-  packed once (as the loop does) and unpacked, and where this PyTorch build has MKL's packed
-  multiply (torch.ops.mkl._mkl_linear), through that, with W_hh packed once and x_gates added
-  by a second call;
+  packed once (as the loop does where oneDNN runs the products) and unpacked, and where this
+  PyTorch build has MKL's packed multiply (torch.ops.mkl._mkl_linear), through that, with W_hh
+  packed once and x_gates added by a second call;
 - the other matrix products, called as LSTMRecurrence calls them: x2h over the whole window
   before the forward loop, the backward loop's 35 products dz_t W_hh (plus the incoming gradient),
   and the three products over the whole window after it (dz W_xh, dz^T x and dz^T h). With the
   packed forward products these are all of a window's matrix multiplies;
 - the backward loop's 35 products again, with W_hh^T packed once per window, which the notebook
-  does not do;
+  does not do. Where oneDNN is off (ONEDNN_MATMUL False, or "auto" on a CPU without AVX-512),
+  nothing is packed, and the two packed variants are left out;
 - torch.tanh on one step's cell state (64, H) against torch.sigmoid on one step's four gates
   (64, 4H), the reason the recurrence computes tanh through sigmoid;
 - one Adam step over MyLSTM's parameters at the cpu profile's vocabulary (10,000 words), fused
@@ -203,6 +204,9 @@ def variants_for(part1, hidden, compile_too=False):
                 "35 times sigmoid of (64, 4H)": lambda: [torch.sigmoid(gates) for _ in range(STEPS)],
                 "Adam step, fused": adam_fused.step,
                 "Adam step, per-tensor loop": adam_loop.step}
+    if not part1.prepack(weight, BATCH).is_mkldnn:
+        # prepack returns W_hh as it is where oneDNN is off, so a "packed" row would time the unpacked products.
+        del variants["35 products, W_hh packed"], variants["backward: 35 products dz_t W_hh, W_hh^T packed"]
     if MKL_LINEAR_OP is not None:
         variants["35 products through MKL's packed multiply"] = mkl_products
     first_call_seconds = {}

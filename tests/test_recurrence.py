@@ -27,12 +27,14 @@ VARIANTS = ("torch.nn.LSTM forward+backward", "MyLSTM recurrence forward+backwar
 MKL_VARIANT = "35 products through MKL's packed multiply"
 
 
-def test_breakdown_writes_every_variant(tmp_path):
+def test_breakdown_writes_every_variant(tmp_path, part1):
     output = tmp_path / "recurrence.json"
     assert recurrence.main(["--hidden", "8", "--rounds", "2", "--warmup", "1", "--output", str(output)]) == 0
     results = json.loads(output.read_text())
     variants = {row["variant"]: row for row in results["rows"]}
     expected = {*VARIANTS, MKL_VARIANT} if recurrence.MKL_LINEAR_OP is not None else set(VARIANTS)
+    if not part1.prepack(torch.ones(8, 8), 64).is_mkldnn:       # oneDNN off ("auto" without AVX-512)
+        expected -= {"35 products, W_hh packed", "backward: 35 products dz_t W_hh, W_hh^T packed"}
     assert set(variants) == expected
     assert {row["hidden"] for row in results["rows"]} == {8}
     for name, row in variants.items():
@@ -62,6 +64,17 @@ def test_packed_backward_product_matches(part1, monkeypatch):
     packed = part1.prepack(weight.t().contiguous(), 6)
     assert packed.is_mkldnn
     torch.testing.assert_close(part1.linear(grad_gates, packed, add=grad_h), torch.addmm(grad_h, grad_gates, weight))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("onednn", [True, False])
+def test_packed_rows_only_where_packed(part1, monkeypatch, onednn):
+    """A "packed" row is timed only where prepack packs; with oneDNN off it would time unpacked products."""
+    monkeypatch.setattr(part1, "ONEDNN_MATMUL", onednn)
+    names = set(recurrence.variants_for(part1, 8)[0])
+    packed_rows = {"35 products, W_hh packed", "backward: 35 products dz_t W_hh, W_hh^T packed"}
+    assert (packed_rows <= names) == onednn
+    assert bool(packed_rows & names) == onednn
 
 
 @needs_cxx
