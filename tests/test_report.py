@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import matplotlib.image
@@ -104,6 +105,18 @@ def test_failed_write_keeps_old_report(tmp_path, monkeypatch):
     assert make_report.main(["--report-dir", str(tmp_path)]) == 1
     assert (tmp_path / "REPORT.md").read_text() == "the previous report\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["REPORT.md", "REPORT.template.md", "results"]
+
+
+def test_relative_report_dir_from_repository(tmp_path, monkeypatch):
+    """A relative --report-dir is taken from the repository root, as the runner takes it, not from the cwd."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text('{"steps": 6}')
+    (tmp_path / "REPORT.template.md").write_text("{{r/steps}} steps\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert make_report.main(["--report-dir", os.path.relpath(tmp_path, make_report.REPO_ROOT)]) == 0
+    assert (tmp_path / "REPORT.md").read_text() == "6 steps\n"
 
 
 def load_results(repo_root, name):

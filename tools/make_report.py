@@ -115,11 +115,12 @@ def render(template: str, results_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report-dir", default=str(REPO_ROOT / "report"),
-                        help="folder with REPORT.template.md and results/ (default: report)")
+    parser.add_argument("--report-dir", default="report",
+                        help="folder with REPORT.template.md and results/; a relative path is taken from the "
+                             "repository root, as tools.run_notebooks takes it (default: report)")
     parser.add_argument("--check", action="store_true", help="only check that REPORT.md is up to date")
     args = parser.parse_args(argv)
-    report_dir = Path(args.report_dir)
+    report_dir = REPO_ROOT / Path(args.report_dir).expanduser()
     template = report_dir / "REPORT.template.md"
     if not template.is_file():
         print(f"template {template} not found: pass --report-dir a folder with REPORT.template.md",
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     target = report_dir / "REPORT.md"
     if args.check:
         if not target.is_file() or target.read_text() != rendered:
-            print(f"{target} is out of date: run python -m tools.make_report", file=sys.stderr)
+            option = "" if args.report_dir == "report" else f" --report-dir {args.report_dir}"
+            print(f"{target} is out of date: run python -m tools.make_report{option}", file=sys.stderr)
             return 1
         print(f"{target} is up to date with the results files")
         return 0
