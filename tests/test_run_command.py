@@ -505,8 +505,43 @@ def test_interrupt_stops_with_code_130(tmp_path, monkeypatch, capsys):
     assert status == 130
     assert len(runs) == 1, "no notebook starts after an interrupt"
     message = capsys.readouterr().err
-    assert "Interrupted in part1_lstm.ipynb. Checkpoints written so far are kept" in message
+    assert "Interrupted in part1_lstm.ipynb before it wrote a checkpoint, so a rerun starts" in message
     assert "Traceback" not in message
+
+
+def test_interrupt_counts_written_checkpoints(tmp_path, monkeypatch, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "old.pt").parent.mkdir()
+    (checkpoints / "old.pt").write_bytes(b"from an earlier run")
+    os.utime(checkpoints / "old.pt", (0, 0))
+
+    def execute(path, output, env=None, **kwargs):
+        (checkpoints / "MyLSTM.pt").write_bytes(b"step 100")
+        (checkpoints / "MyLSTM_att.pt").write_bytes(b"step 100")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_notebooks, "execute_notebook", execute)
+    monkeypatch.setattr(run_notebooks, "data_error", lambda path, env: None)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={checkpoints}"])
+    assert status == 130
+    message = capsys.readouterr().err
+    assert "Interrupted in part1_lstm.ipynb. The 2 checkpoint files it wrote are kept, so run the same " \
+           "command again to resume." in message
+
+
+def test_settings_list_omits_own_options(capsys):
+    """PROFILE, DATA_DIR and REPORT_DIR have options of their own, which --set rejects, so the list leaves them out."""
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--set", "TARGET_DOMIAN=synthetic"])
+    listed = capsys.readouterr().err.split("settings are ")[1].strip().split(", ")
+    assert "TARGET_DOMAIN" in listed
+    assert not {"PROFILE", "DATA_DIR", "REPORT_DIR"} & set(listed)
+
+
+def test_cell_title_skips_note_comments():
+    cell = nbformat.v4.new_code_cell("# NOTE: never run against the real server\n# Download the data\nfetch()")
+    assert run_notebooks._cell_title(cell) == "Download the data"
 
 
 def test_set_rejects_settings_with_own_option(capsys):
@@ -952,3 +987,12 @@ def test_cells_use_only_earlier_definitions(repo_root, name):
     """A kernel runs the cells in order, so a function that uses a name bound only further down fails when a
     cell before that calls it, as part 1's download once did."""
     assert names_used_before_defined(repo_root / name) == KNOWN_FORWARD_REFERENCES[name]
+
+
+def test_script_runs_from_any_folder(tmp_path):
+    """`python tools/run_notebooks.py` finds the tools package without -m and outside the repository root."""
+    script = run_notebooks.REPO_ROOT / "tools" / "run_notebooks.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--report-dir" in result.stdout

@@ -41,9 +41,11 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from traitlets.config import Config
 
-from tools.nbdefs import PARAMETERS_TAG, tagged_cells
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))      # so that `python tools/run_notebooks.py` finds tools.nbdefs from any folder
+
+from tools.nbdefs import PARAMETERS_TAG, tagged_cells  # noqa: E402
+
 NOTEBOOKS = ("part1_lstm.ipynb", "part2_cyclegan.ipynb")
 PROFILES = ("auto", "smoke", "cpu", "full")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -165,9 +167,10 @@ class InterruptForwarder:
 
 
 def _cell_title(cell) -> str:
+    """Return the first line of a code cell that describes it, skipping NOTE: and TODO: comments."""
     for line in cell.source.splitlines():
         line = line.strip().lstrip("#").strip()
-        if line:
+        if line and not line.startswith(("NOTE:", "TODO:")):
             return line[:70]
     return "(empty cell)"
 
@@ -200,6 +203,25 @@ def resume_advice(env: dict[str, str]) -> str:
     if force.strip().lower() in TRUE_WORDS:
         return "run the same command without FORCE_RETRAIN to resume from the checkpoints"
     return "run the same command again to resume"
+
+
+def interrupted_message(notebook_name: str, checkpoint_dir: Path, started: float, env: dict[str, str]) -> str:
+    """Return the message for a run that a Ctrl-C stopped in `notebook_name`, with its count of checkpoint files.
+
+    Files in `checkpoint_dir` changed since `started` (time.time()) count as written by this run.
+    """
+    try:
+        written = sum(1 for path in checkpoint_dir.rglob("*") if path.is_file() and path.stat().st_mtime >= started)
+    except OSError:                    # a folder removed or unreadable meanwhile
+        written = 0
+    if written == 0:
+        return (f"Interrupted in {notebook_name} before it wrote a checkpoint, so a rerun starts its unfinished "
+                f"training from the beginning.")
+    if written == 1:
+        kept_files = "The checkpoint file it wrote is kept"
+    else:
+        kept_files = f"The {written} checkpoint files it wrote are kept"
+    return f"Interrupted in {notebook_name}. {kept_files}, so {resume_advice(env)}."
 
 
 def out_of_memory_advice(notebook_name: str) -> str:
@@ -650,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         owners = [notebook for notebook, names in skipped.items() if name in names]
         if not owners:
             parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
-                         f"{setting_hint(name, known, skipped, options)}settings are {', '.join(sorted(known))}")
+                         f"{setting_hint(name, known, skipped, options)}settings are "
+                         f"{', '.join(sorted(known - set(options)))}")
         print(f"note: --set {name} is ignored, because it is a setting of {', '.join(owners)}, "
               f"which this run does not include", file=sys.stderr)
         env.pop(name, None)
@@ -699,8 +722,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         except KeyboardInterrupt:
             # execute_notebook has shut the kernel down and named the executed copy so far.
-            print(f"\nInterrupted in {path.name}. Checkpoints written so far are kept, so "
-                  f"{resume_advice(env)}.", file=sys.stderr)
+            print(f"\n{interrupted_message(path.name, checkpoint_dir, started[path.name], env)}", file=sys.stderr)
             status = 130                   # the shell's code for a process stopped by SIGINT
             break
 
