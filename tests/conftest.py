@@ -33,10 +33,20 @@ for _name in ("no_proxy", "NO_PROXY"):
 
 
 def real_data_dir() -> Path | None:
-    """Return the folder with the real data sets, from REAL_DATA_DIR or ../shared/data, if it exists."""
-    candidate = os.environ.get("REAL_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "data")
-    path = Path(candidate)
-    return path if path.is_dir() else None
+    """Return the folder with the real data sets, from REAL_DATA_DIR or ../shared/data, if it exists.
+
+    A relative REAL_DATA_DIR is taken from the repository root, as the default is. A REAL_DATA_DIR that
+    is set but not a folder fails the tests that need it, where the default folder's absence skips them.
+    """
+    value = os.environ.get("REAL_DATA_DIR")
+    if not value:
+        default = REPO_ROOT.parent / "shared" / "data"
+        return default if default.is_dir() else None
+    path = REPO_ROOT / Path(value).expanduser()
+    if not path.is_dir():
+        pytest.fail(f"REAL_DATA_DIR={value!r} is not a folder (read as {path}): point it at a folder with ptb/ and "
+                    f"mnist/, or unset it to use ../shared/data where that exists", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")
