@@ -996,3 +996,33 @@ def test_script_runs_from_any_folder(tmp_path):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--report-dir" in result.stdout
+
+
+def test_option_hint_names_runner_options():
+    message = "MNIST files not found in /x/mnist: set DATA_DIR to a folder with them, or set DOWNLOAD=True"
+    assert run_notebooks.option_hint(message) == ("\nWith this runner, DATA_DIR is --data-dir, and other settings "
+                                                  "are --set NAME=VALUE.")
+
+
+def test_option_hint_skips_traceback():
+    message = "cell 5 failed with ValueError: bad value\n\nTraceback: ... DATA_DIR = Path(DATA_DIR) ..."
+    assert run_notebooks.option_hint(message) == ""
+
+
+def test_data_error_gets_option_hint(tmp_path, monkeypatch, capsys):
+    record_runs(monkeypatch, check_data=True)
+    monkeypatch.setattr(run_notebooks, "data_error",
+                        lambda path, env: "MNIST files not found: set DATA_DIR to a folder whose mnist/ holds them")
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 1
+    assert "With this runner, DATA_DIR is --data-dir" in capsys.readouterr().err
+
+
+def test_failed_cell_gets_option_hint(tmp_path, monkeypatch, capsys):
+    record_runs(monkeypatch, run_notebooks.NotebookFailed("part1_lstm.ipynb, cell 9 failed with FileNotFoundError: "
+                                                          "point DATA_DIR at a folder whose ptb/ has them."))
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
+    assert status == 1
+    assert "has them.\nWith this runner, DATA_DIR is --data-dir" in capsys.readouterr().err

@@ -224,6 +224,23 @@ def interrupted_message(notebook_name: str, checkpoint_dir: Path, started: float
     return f"Interrupted in {notebook_name}. {kept_files}, so {resume_advice(env)}."
 
 
+OPTION_OF_SETTING = {"PROFILE": "--profile", "DATA_DIR": "--data-dir", "REPORT_DIR": "--report-dir"}
+
+
+def option_hint(message: str) -> str:
+    """Return a line naming this runner's options for the settings that a notebook's error names, or "".
+
+    The notebooks' messages name settings as the settings cell writes them. Only the first paragraph is
+    read, because a traceback after it quotes code that names settings too.
+    """
+    first_paragraph = message.split("\n\n")[0]
+    named = [name for name in OPTION_OF_SETTING if re.search(rf"\b{name}\b", first_paragraph)]
+    if not named:
+        return ""
+    options = ", ".join(f"{name} is {OPTION_OF_SETTING[name]}" for name in named)
+    return f"\nWith this runner, {options}, and other settings are --set NAME=VALUE."
+
+
 def out_of_memory_advice(notebook_name: str) -> str:
     """Return the advice for a kernel that the system killed for lack of memory.
 
@@ -662,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     # left out of this run is skipped with a note, while a name that no notebook has is an error.
     skipped = {name: setting_names(REPO_ROOT / name) - {"PROFILE_SETTINGS"} for name in NOTEBOOKS
                if (REPO_ROOT / name).resolve() not in {path.resolve() for path in paths}}
-    options = {"PROFILE": "--profile", "DATA_DIR": "--data-dir", "REPORT_DIR": "--report-dir"}
+    options = OPTION_OF_SETTING
     for item in args.set:
         name = item.partition("=")[0]
         if name in options:
@@ -703,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checking the data of {path.name}", flush=True)
             message = data_error(path, env)
             if message is not None:
-                print(f"\nerror: {path.name}: {printable(message)}\nNo notebook has run.", file=sys.stderr)
+                print(f"\nerror: {path.name}: {printable(message)}{option_hint(message)}\nNo notebook has run.",
+                      file=sys.stderr)
                 return 1
     except KeyboardInterrupt:
         print(f"\nInterrupted while checking the data of {path.name}; no notebook has run.", file=sys.stderr)
@@ -717,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             execute_notebook(path, output, env=env, timeout_per_cell=args.cell_timeout)
         except NotebookFailed as error:
-            print(f"\nFAILED: {error}", file=sys.stderr)
+            print(f"\nFAILED: {error}{option_hint(str(error))}", file=sys.stderr)
             status = 1
             break
         except KeyboardInterrupt:
