@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import zlib
 from pathlib import Path
@@ -1442,6 +1443,29 @@ def test_same_seed_gives_identical_run(tiny_run, tmp_path):
     assert first.checks == second.checks
 
 
+def test_pretraining_timed_apart(tiny_run, monkeypatch):
+    """ms_per_iteration divides train_time_s by the GAN iterations, so the pretraining's time is kept apart."""
+    clock = {"now": 0.0}
+    pretrain = tiny_run.pretrain_discriminators
+
+    def slow_pretrain(*args):
+        pretrain(*args)
+        clock["now"] += 100.0           # the only time that passes on this clock
+
+    class FrozenTime:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            return clock["now"]
+
+    monkeypatch.setattr(tiny_run, "time", FrozenTime())
+    monkeypatch.setattr(tiny_run, "pretrain_discriminators", slow_pretrain)
+    _, record = tiny_run.train_cyclegan("run", 11, 2)
+    assert record.pretrain_time_s == 100.0
+    assert record.train_time_s == 0.0
+
+
 def test_rerun_loads_finished_training(tiny_run, monkeypatch):
     gan, record = tiny_run.train_cyclegan("run", 11, 2)
 
@@ -2006,6 +2030,8 @@ def test_notebook_smoke_end_to_end(run_notebook, tmp_path, target_domain):
     assert sum(map(sum, run["confusion_F"])) == target_test
     assert run["iterations"] == results["settings"]["GAN_STEPS"]
     assert run["cycle_error_mnist"] > 0
+    assert run["pretrain_time_s"] > 0
+    assert results["metrics"]["cyclegan_2class"]["pretrain_time_s"] == 0, "the ablation has no pretraining"
     figures = report / "figures"
     for name in ("data_examples", "losses_11class", "samples_from_mnist_11class",
                  "samples_from_target_11class", "losses_2class", "samples_from_mnist_2class",
@@ -2878,3 +2904,32 @@ def test_data_cell_downloads_in_kernel(repo_root, tmp_path, serve_folder, run_ce
     assert (data / "svhn" / "test_32x32.mat").read_bytes() == (tmp_path / "server" / "svhn" /
                                                                "test_32x32.mat").read_bytes()
     assert (data / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+
+
+COLAB_CASES = [(True, "cpu", True, True), (False, "cpu", True, False), (True, "cuda", True, False),
+               (True, "cpu", False, False)]
+
+
+@pytest.mark.parametrize(("chosen_by_auto", "device", "on_colab", "warns"), COLAB_CASES)
+def test_colab_cpu_runtime_warning(nb, monkeypatch, chosen_by_auto, device, on_colab, warns):
+    """Only Colab without a GPU, where PROFILE "auto" fell back to "cpu", gets the warning."""
+    if on_colab:
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    else:
+        monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    warning = nb.colab_without_gpu_warning(chosen_by_auto, torch.device(device))
+    assert (warning is not None) == warns
+
+
+def test_auto_profile_recorded(repo_root, tmp_path):
+    """The setup cell's warning needs to know that PROFILE was "auto" before it resolved to a profile."""
+    folders = {name: str(tmp_path / name.split("_")[0].lower()) for name in ("REPORT_DIR", "CHECKPOINT_DIR")}
+    chosen = load_definitions(repo_root / NOTEBOOK, env={**SMOKE, **folders, "PROFILE": " Auto "})
+    assert chosen.profile_chosen_by_auto is True
+    assert chosen.PROFILE == "cpu"
+
+
+def test_colab_opens_gpu_runtime(repo_root):
+    metadata = json.loads((repo_root / NOTEBOOK).read_text())["metadata"]
+    assert metadata["accelerator"] == "GPU"
+    assert metadata["colab"]["gpuType"] == "T4"
