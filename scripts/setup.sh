@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 venv="${VENV_DIR:-.venv}"
 python="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
+  if ! command -v "$python" >/dev/null; then
+    echo "error: PYTHON=$python not found; install Python 3.10 or newer, or set PYTHON to its path" >&2
+    exit 1
+  fi
   if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
     echo "error: PYTHON=$python is not Python 3.10 or newer ($("$python" --version 2>&1 | head -n 1));" \
       "set PYTHON to a newer interpreter, e.g. PYTHON=python3.11 scripts/setup.sh" >&2
@@ -15,10 +19,12 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "creating virtual environment $venv"
   "$python" -m venv "$venv"
 fi
-# python3 -m venv without the python3-venv package (Debian, Ubuntu) stops after creating the interpreter.
+# python3 -m venv without the python3-venv package (Debian, Ubuntu) stops after creating the interpreter,
+# and other tools (uv venv, for one) leave pip out.
 if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
-  echo "error: $venv has no pip, so an earlier 'python -m venv' did not finish (on Debian and Ubuntu it" \
-    "needs the python3-venv package). Fix that, delete $venv and run scripts/setup.sh again" >&2
+  echo "error: $venv has no pip. If python -m venv made it, install the python3-venv package (Debian," \
+    "Ubuntu) first. Then delete $venv and run scripts/setup.sh again, or set VENV_DIR to an environment" \
+    "that has pip" >&2
   exit 1
 fi
 stamp="$venv/.requirements.sha256"

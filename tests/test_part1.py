@@ -2262,6 +2262,8 @@ def test_colab_cpu_runtime_warning(part1, monkeypatch, chosen_by_auto, device, o
         monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     warning = part1.colab_without_gpu_warning(chosen_by_auto, torch.device(device))
     assert (warning is not None) == warns
+    if warns:
+        assert 'this Colab runtime has no GPU, so PROFILE "auto" chose the "cpu" profile' in warning
 
 
 def test_auto_profile_recorded(repo_root, tmp_path):
@@ -2270,7 +2272,7 @@ def test_auto_profile_recorded(repo_root, tmp_path):
                for name in ("DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR")}
     chosen = load_definitions(repo_root / NOTEBOOK, env={**folders, "PROFILE": " Auto "})
     assert chosen.profile_chosen_by_auto is True
-    assert chosen.PROFILE == "cpu"
+    assert chosen.PROFILE == ("full" if torch.cuda.is_available() else "cpu")
 
 
 def test_colab_opens_gpu_runtime(repo_root):

@@ -2919,6 +2919,8 @@ def test_colab_cpu_runtime_warning(nb, monkeypatch, chosen_by_auto, device, on_c
         monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     warning = nb.colab_without_gpu_warning(chosen_by_auto, torch.device(device))
     assert (warning is not None) == warns
+    if warns:
+        assert 'this Colab runtime has no GPU, so PROFILE "auto" chose the "cpu" profile' in warning
 
 
 def test_auto_profile_recorded(repo_root, tmp_path):
@@ -2926,7 +2928,7 @@ def test_auto_profile_recorded(repo_root, tmp_path):
     folders = {name: str(tmp_path / name.split("_")[0].lower()) for name in ("REPORT_DIR", "CHECKPOINT_DIR")}
     chosen = load_definitions(repo_root / NOTEBOOK, env={**SMOKE, **folders, "PROFILE": " Auto "})
     assert chosen.profile_chosen_by_auto is True
-    assert chosen.PROFILE == "cpu"
+    assert chosen.PROFILE == ("full" if torch.cuda.is_available() else "cpu")
 
 
 def test_colab_opens_gpu_runtime(repo_root):

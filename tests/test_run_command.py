@@ -505,7 +505,7 @@ def test_interrupt_stops_with_code_130(tmp_path, monkeypatch, capsys):
     assert status == 130
     assert len(runs) == 1, "no notebook starts after an interrupt"
     message = capsys.readouterr().err
-    assert "Interrupted in part1_lstm.ipynb before it wrote a checkpoint, so a rerun starts" in message
+    assert "Interrupted in part1_lstm.ipynb before it wrote a checkpoint in this run. A rerun continues" in message
     assert "Traceback" not in message
 
 
@@ -1006,6 +1006,12 @@ def test_option_hint_names_runner_options():
 
 def test_option_hint_skips_traceback():
     message = "cell 5 failed with ValueError: bad value\n\nTraceback: ... DATA_DIR = Path(DATA_DIR) ..."
+    assert run_notebooks.option_hint(message) == ""
+
+
+def test_option_hint_skips_cell_title():
+    message = ("part2_cyclegan.ipynb, cell 23/24 ('print(f\"profile {PROFILE}\")') failed with KeyError: "
+               "'headline'\n\nTraceback ...")
     assert run_notebooks.option_hint(message) == ""
 
 

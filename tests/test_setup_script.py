@@ -31,4 +31,10 @@ def test_environment_without_pip_rejected(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     result = run_setup(VENV_DIR=str(venv))
     assert result.returncode == 1
-    assert f"error: {venv} has no pip" in result.stderr
+    assert f"error: {venv} has no pip." in result.stderr
+
+
+def test_missing_python_named(tmp_path):
+    result = run_setup(PYTHON=str(tmp_path / "python3.99"), VENV_DIR=str(tmp_path / "venv"))
+    assert result.returncode == 1
+    assert f"error: PYTHON={tmp_path / 'python3.99'} not found" in result.stderr

@@ -215,8 +215,8 @@ def interrupted_message(notebook_name: str, checkpoint_dir: Path, started: float
     except OSError:                    # a folder removed or unreadable meanwhile
         written = 0
     if written == 0:
-        return (f"Interrupted in {notebook_name} before it wrote a checkpoint, so a rerun starts its unfinished "
-                f"training from the beginning.")
+        return (f"Interrupted in {notebook_name} before it wrote a checkpoint in this run. A rerun continues from "
+                f"the checkpoints of earlier runs where there are any, and otherwise trains from the beginning.")
     if written == 1:
         kept_files = "The checkpoint file it wrote is kept"
     else:
@@ -230,11 +230,12 @@ OPTION_OF_SETTING = {"PROFILE": "--profile", "DATA_DIR": "--data-dir", "REPORT_D
 def option_hint(message: str) -> str:
     """Return a line naming this runner's options for the settings that a notebook's error names, or "".
 
-    The notebooks' messages name settings as the settings cell writes them. Only the first paragraph is
-    read, because a traceback after it quotes code that names settings too.
+    The notebooks' messages name settings as the settings cell writes them. Only the error is read: not
+    the traceback after its first paragraph, which quotes code, nor the cell's title before " failed with ".
     """
     first_paragraph = message.split("\n\n")[0]
-    named = [name for name in OPTION_OF_SETTING if re.search(rf"\b{name}\b", first_paragraph)]
+    error = first_paragraph.partition(" failed with ")[2] or first_paragraph
+    named = [name for name in OPTION_OF_SETTING if re.search(rf"\b{name}\b", error)]
     if not named:
         return ""
     options = ", ".join(f"{name} is {OPTION_OF_SETTING[name]}" for name in named)
