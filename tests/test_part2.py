@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import urllib.error
 import zlib
 from pathlib import Path
@@ -2905,33 +2904,3 @@ def test_data_cell_downloads_in_kernel(repo_root, tmp_path, serve_folder, run_ce
                                                                "test_32x32.mat").read_bytes()
     assert (data / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
 
-
-COLAB_CASES = [(True, "cpu", True, True), (False, "cpu", True, False), (True, "cuda", True, False),
-               (True, "cpu", False, False)]
-
-
-@pytest.mark.parametrize(("chosen_by_auto", "device", "on_colab", "warns"), COLAB_CASES)
-def test_colab_cpu_runtime_warning(nb, monkeypatch, chosen_by_auto, device, on_colab, warns):
-    """Only Colab without a GPU, where PROFILE "auto" fell back to "cpu", gets the warning."""
-    if on_colab:
-        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    else:
-        monkeypatch.delitem(sys.modules, "google.colab", raising=False)
-    warning = nb.colab_without_gpu_warning(chosen_by_auto, torch.device(device))
-    assert (warning is not None) == warns
-    if warns:
-        assert 'this Colab runtime has no GPU, so PROFILE "auto" chose the "cpu" profile' in warning
-
-
-def test_auto_profile_recorded(repo_root, tmp_path):
-    """The setup cell's warning needs to know that PROFILE was "auto" before it resolved to a profile."""
-    folders = {name: str(tmp_path / name.split("_")[0].lower()) for name in ("REPORT_DIR", "CHECKPOINT_DIR")}
-    chosen = load_definitions(repo_root / NOTEBOOK, env={**SMOKE, **folders, "PROFILE": " Auto "})
-    assert chosen.profile_chosen_by_auto is True
-    assert chosen.PROFILE == ("full" if torch.cuda.is_available() else "cpu")
-
-
-def test_colab_opens_gpu_runtime(repo_root):
-    metadata = json.loads((repo_root / NOTEBOOK).read_text())["metadata"]
-    assert metadata["accelerator"] == "GPU"
-    assert metadata["colab"]["gpuType"] == "T4"
