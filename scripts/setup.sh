@@ -8,12 +8,12 @@ venv="${VENV_DIR:-.venv}"
 python="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
   if ! command -v "$python" >/dev/null; then
-    echo "error: PYTHON=$python not found; install Python 3.10 or newer, or set PYTHON to its path" >&2
+    echo "error: PYTHON=$python not found. Install Python 3.10 or newer, or set PYTHON to its path" >&2
     exit 1
   fi
   if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    echo "error: PYTHON=$python is not Python 3.10 or newer ($("$python" --version 2>&1 | head -n 1));" \
-      "set PYTHON to a newer interpreter, e.g. PYTHON=python3.11 scripts/setup.sh" >&2
+    echo "error: PYTHON=$python is not Python 3.10 or newer ($("$python" --version 2>&1 | head -n 1))." \
+      "Set PYTHON to a newer interpreter, e.g. PYTHON=python3.11 scripts/setup.sh" >&2
     exit 1
   fi
   echo "creating virtual environment $venv"

@@ -680,18 +680,17 @@ def main(argv: list[str] | None = None) -> int:
     # left out of this run is skipped with a note, while a name that no notebook has is an error.
     skipped = {name: setting_names(REPO_ROOT / name) - {"PROFILE_SETTINGS"} for name in NOTEBOOKS
                if (REPO_ROOT / name).resolve() not in {path.resolve() for path in paths}}
-    options = OPTION_OF_SETTING
     for item in args.set:
         name = item.partition("=")[0]
-        if name in options:
-            parser.error(f"--set {name}: use {options[name]} for this setting")
+        if name in OPTION_OF_SETTING:
+            parser.error(f"--set {name}: use {OPTION_OF_SETTING[name]} for this setting")
         if name in known:
             continue
         owners = [notebook for notebook, names in skipped.items() if name in names]
         if not owners:
             parser.error(f"--set {name}: no such setting in {', '.join(path.name for path in paths)}; "
-                         f"{setting_hint(name, known, skipped, options)}settings are "
-                         f"{', '.join(sorted(known - set(options)))}")
+                         f"{setting_hint(name, known, skipped, OPTION_OF_SETTING)}settings are "
+                         f"{', '.join(sorted(known - set(OPTION_OF_SETTING)))}")
         print(f"note: --set {name} is ignored, because it is a setting of {', '.join(owners)}, "
               f"which this run does not include", file=sys.stderr)
         env.pop(name, None)
