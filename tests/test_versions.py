@@ -1,0 +1,71 @@
+"""Both notebooks stop at once, with the fix, where torch or torchvision is older than requirements.txt's floor."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torchvision
+
+from tools.nbdefs import load_definitions
+from tools.run_notebooks import NOTEBOOKS
+
+# The libraries each notebook checks, with a release older than requirements.txt's floor.
+TOO_OLD = {"part1_lstm.ipynb": {"torch": "2.9.1+cu126"},
+           "part2_cyclegan.ipynb": {"torch": "2.9.1+cu126", "torchvision": "0.24.1"}}
+MODULES = {"torch": torch, "torchvision": torchvision}
+
+
+def load(repo_root, notebook, folder):
+    folders = {name: str(folder / name.split("_")[0].lower()) for name in ("DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR")}
+    return load_definitions(repo_root / notebook, env={**folders, "PROFILE": "smoke"})
+
+
+def requirement_floors(repo_root):
+    """Return {name: "major.minor"} for each `name>=version` line of requirements.txt."""
+    text = (repo_root / "requirements.txt").read_text()
+    return dict(re.findall(r"^([A-Za-z0-9_-]+)>=([0-9.]+)", text, flags=re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def definitions(repo_root, tmp_path_factory):
+    return {notebook: load(repo_root, notebook, tmp_path_factory.mktemp("versions")) for notebook in NOTEBOOKS}
+
+
+@pytest.mark.parametrize(("notebook", "library"), [(notebook, library) for notebook, libraries in TOO_OLD.items()
+                                                   for library in libraries])
+def test_old_library_stops_notebook(repo_root, tmp_path, monkeypatch, notebook, library):
+    old = TOO_OLD[notebook][library]
+    monkeypatch.setattr(MODULES[library], "__version__", old)
+    with pytest.raises(RuntimeError) as error:
+        load(repo_root, notebook, tmp_path)
+    floor = requirement_floors(repo_root)[library]
+    assert str(error.value).startswith(f"{library} {old} is older than {floor}, the oldest release this notebook "
+                                       f"supports. Upgrade with pip install -U ")
+    assert f'"{library}>={floor}"' in str(error.value)
+    assert "restart the kernel (on Colab: Runtime > Restart session)" in str(error.value)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_floor_releases_load(repo_root, tmp_path, monkeypatch, notebook):
+    """With each library at requirements.txt's floor, the definitions load."""
+    floors = requirement_floors(repo_root)
+    for library in TOO_OLD[notebook]:
+        monkeypatch.setattr(MODULES[library], "__version__", floors[library] + ".0")
+    assert load(repo_root, notebook, tmp_path).SETTINGS["PROFILE"] == "smoke"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+@pytest.mark.parametrize("version", ["2.10.0", "2.10.0a0+git5e1f2b3", "2.14.1+cu130", "3.0.0", "unknown"])
+def test_supported_torch_passes(definitions, notebook, version):
+    """Releases from the floor on pass, pre-releases of the floor too, and so does a version that cannot be read."""
+    assert definitions[notebook].check_versions({"torch": version}, {"torch": (2, 10)}) is None
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_all_old_libraries_named(definitions, notebook):
+    with pytest.raises(RuntimeError) as error:
+        definitions[notebook].check_versions({"torch": "1.13.1", "torchvision": "0.14.1"},
+                                             {"torch": (2, 10), "torchvision": (0, 25)})
+    assert str(error.value).startswith("torch 1.13.1 is older than 2.10; torchvision 0.14.1 is older than 0.25, ")
