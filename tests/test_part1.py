@@ -1336,7 +1336,7 @@ def test_figures_wait_for_results_file(part1, tmp_path, monkeypatch):
     ax.plot([0, 1], [1, 0])
     png = part1.save_figure(fig, "curve")
     part1.plt.close(fig)
-    assert png == tmp_path / ".pending_part1_smoke" / "part1_smoke_curve.png"
+    assert png == tmp_path / f".pending_part1_smoke_{os.getpid()}" / "part1_smoke_curve.png"
     assert (tmp_path / "part1_smoke_curve.png").read_bytes() == b"the last finished run's"
     assert part1.publish_figures() == [tmp_path / "part1_smoke_curve.pdf", tmp_path / "part1_smoke_curve.png"]
     assert (tmp_path / "part1_smoke_curve.png").read_bytes().startswith(b"\x89PNG")
@@ -1345,7 +1345,7 @@ def test_figures_wait_for_results_file(part1, tmp_path, monkeypatch):
 
 def test_interrupted_runs_figures_discarded(part1, tmp_path, monkeypatch):
     monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
-    pending = tmp_path / ".pending_part1_smoke"
+    pending = tmp_path / f".pending_part1_smoke_{os.getpid()}"
     pending.mkdir()
     (pending / "part1_smoke_curve.png").write_bytes(b"from a run stopped midway")
     (tmp_path / "part1_smoke_curve.png").write_bytes(b"the last finished run's")
@@ -1991,7 +1991,7 @@ def test_notebook_smoke_run_end_to_end(run_notebook, tmp_path):
     for name in ("learning_curves", "attention_heatmaps", "recall_experiment", "recall_attention"):
         assert_png_not_blank(report / "figures" / f"part1_smoke_{name}.png")
         assert (report / "figures" / f"part1_smoke_{name}.pdf").stat().st_size > 1000
-    assert not (report / "figures" / ".pending_part1_smoke").exists()
+    assert not list((report / "figures").glob(".pending_*"))
 
 
 
