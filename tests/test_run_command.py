@@ -13,6 +13,7 @@ import subprocess
 import symtable
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -112,6 +113,32 @@ def test_full_disk_keeps_executed_copy(tmp_path, monkeypatch):
     assert any(f"could not write the executed copy to {output}: [Errno 28] No space left on device. A copy "
                f"already there is unchanged" in message for message in messages)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.executed.ipynb", "tiny.ipynb"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock(2) exists only on POSIX systems")
+def test_executed_copy_waits_for_lock(tmp_path):
+    """While another runner writes into executed/, this one waits instead of writing the same temporary file."""
+    notebook = nbformat.read(write_tiny_notebook(tmp_path / "tiny.ipynb", "this run"), as_version=4)
+    output = tmp_path / "executed" / "tiny.executed.ipynb"
+    output.parent.mkdir()
+    outcome = {}
+    writer = threading.Thread(target=lambda: outcome.update(result=run_notebooks.write_notebook(notebook, output)),
+                              daemon=True)
+    import fcntl  # POSIX only
+
+    descriptor = os.open(output.parent, os.O_RDONLY)     # another runner holds the lock
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        writer.start()
+        writer.join(timeout=1)
+        assert writer.is_alive(), "write_notebook did not wait for the lock"
+        assert not output.exists()
+        assert not output.with_name(output.name + ".partial").exists()
+    finally:
+        os.close(descriptor)
+    writer.join(timeout=60)
+    assert outcome == {"result": None}
+    assert nbformat.read(output, as_version=4).cells[0].source == notebook.cells[0].source
 
 
 @pytest.mark.skipif(os.name != "posix", reason="Unix domain sockets exist only on POSIX systems")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import json
 import os
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -181,20 +183,45 @@ def failed_copy_path(output_path: str | os.PathLike) -> Path:
     return output_path.with_name(f"{output_path.stem}.failed{output_path.suffix}")
 
 
+@contextlib.contextmanager
+def locked_folder(folder: Path) -> Iterator[None]:
+    """Hold an exclusive flock(2) on `folder` while the block runs, so that runners that write the same file
+    there at once take turns. Where fcntl is missing (Windows) or the lock fails, the block runs without it."""
+    descriptor = None
+    try:
+        import fcntl  # POSIX only
+
+        descriptor = os.open(folder, os.O_RDONLY)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass
+    except BaseException:                  # Ctrl-C while waiting
+        if descriptor is not None:
+            os.close(descriptor)
+        raise
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)           # releases the lock
+
+
 def write_notebook(notebook: nbformat.NotebookNode, path: Path) -> None:
     """Write `notebook` to `path` through a temporary file, so that a failed write (a full disk) leaves the
-    copy of an earlier run at `path` as it was."""
+    copy of an earlier run at `path` as it was. Two runners that write the same copy at once take turns, as
+    they would otherwise write the same temporary file."""
     partial = path.with_name(f"{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        nbformat.write(notebook, partial)
-        os.replace(partial, path)
-    except BaseException:
+    with locked_folder(path.parent):
         try:
-            partial.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
+            nbformat.write(notebook, partial)
+            os.replace(partial, path)
+        except BaseException:
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
 
 
 def resume_advice(env: dict[str, str]) -> str:
