@@ -1,13 +1,15 @@
-"""Two runs of one profile at once, in both notebooks: each keeps its pending figures, and the results file and
-the figures in FIGURE_DIR come from the same run."""
+"""Runs of one profile at once, in both notebooks: each keeps its pending figures, and the results file and the
+figures in FIGURE_DIR come from the same run."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import subprocess
-import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +17,12 @@ from tools.nbdefs import load_definitions
 from tools.run_notebooks import NOTEBOOKS
 
 PREFIXES = {"part1_lstm.ipynb": ".pending_part1_smoke", "part2_cyclegan.ipynb": ".pending_part2_smoke_synthetic"}
-# The pending folder of another profile (part 1) or target domain (part 2), which a smoke run leaves alone.
-OTHER_RUNS = {"part1_lstm.ipynb": ".pending_part1_cpu", "part2_cyclegan.ipynb": ".pending_part2_smoke_svhn"}
+FIGURE_STEMS = {"part1_lstm.ipynb": "part1_smoke", "part2_cyclegan.ipynb": "part2_smoke_synthetic"}
+# The run name of another profile (part 1) or target domain (part 2), whose pending folders and figures a smoke
+# run leaves alone.
+OTHER_RUNS = {"part1_lstm.ipynb": "part1_cpu", "part2_cyclegan.ipynb": "part2_smoke_svhn"}
+OTHER_TOKEN = "0123456789ab"
+THREE_DAYS_S = 3 * 24 * 3600
 
 
 @pytest.fixture
@@ -31,75 +37,71 @@ def nb(request, repo_root, tmp_path, monkeypatch):
     return definitions
 
 
-@pytest.fixture
-def running_pid():
-    """The process ID of a process that runs until the test ends."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    yield process.pid
-    process.kill()
-    process.wait()
-
-
-@pytest.fixture
-def ended_pid():
-    """The process ID of a process that has ended and been waited for."""
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def pending_folder(nb, suffix, prefix=None):
-    """Create a pending folder named prefix + suffix in FIGURE_DIR with one figure in it; return the figure."""
+def pending_folder(nb, suffix, prefix=None, age_s=0):
+    """Create a pending folder named prefix + suffix in FIGURE_DIR with one figure in it, last written `age_s`
+    seconds ago; return the figure."""
     folder = nb.FIGURE_DIR / ((prefix or PREFIXES[nb.notebook]) + suffix)
     folder.mkdir()
     figure = folder / "figure.png"
     figure.write_bytes(b"a pending figure")
+    written = time.time() - age_s
+    os.utime(folder, (written, written))
     return figure
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_pending_folder_per_process(nb):
-    assert nb.pending_figures() == nb.FIGURE_DIR / f"{PREFIXES[nb.notebook]}_{os.getpid()}"
-
-
-@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_running_runs_figures_kept(nb, running_pid, monkeypatch):
-    """A run that starts while another run of its profile is going leaves the other run's figures alone."""
+def save_curve(nb):
     fig, ax = nb.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    with monkeypatch.context() as other_run:
-        other_run.setattr(os, "getpid", lambda: running_pid)
-        png = nb.save_figure(fig, "curve")
+    png = nb.save_figure(fig, "curve")
     nb.plt.close(fig)
+    return png
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_pending_folder_per_kernel(nb, repo_root):
+    assert nb.pending_figures() == nb.FIGURE_DIR / f"{PREFIXES[nb.notebook]}_{nb.pending_token}"
+    assert len(nb.pending_token) == 12
+    other_kernel = load_definitions(repo_root / nb.notebook, env={"PROFILE": "smoke"})
+    assert other_kernel.pending_token != nb.pending_token
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_running_runs_figures_kept(nb, monkeypatch):
+    """A run that starts while another run of its profile is going leaves the other run's figures alone."""
+    with monkeypatch.context() as other_run:
+        other_run.setattr(nb, "pending_token", OTHER_TOKEN)
+        png = save_curve(nb)
     nb.discard_pending_figures()
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_stopped_runs_figures_discarded(nb, ended_pid):
-    """This process's earlier run, an ended process's run, and a run of an older version that had no process ID."""
-    for suffix in (f"_{os.getpid()}", f"_{ended_pid}", ""):
-        figure = pending_folder(nb, suffix)
+def test_stopped_runs_figures_discarded(nb):
+    """This kernel's earlier run, another kernel's run untouched for three days, and an older version's run."""
+    for suffix, age_s in ((f"_{nb.pending_token}", 0), (f"_{OTHER_TOKEN}", THREE_DAYS_S), ("", 0)):
+        figure = pending_folder(nb, suffix, age_s=age_s)
         nb.discard_pending_figures()
         assert not figure.parent.exists(), suffix
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_other_runs_figures_kept(nb, ended_pid):
-    """Folders of another profile or target domain, and names that only start like this run's, stay."""
-    kept = [pending_folder(nb, f"_{ended_pid}", OTHER_RUNS[nb.notebook]), pending_folder(nb, "_old"),
-            pending_folder(nb, f"x_{ended_pid}")]
+def test_other_runs_figures_kept(nb):
+    """Folders of another profile or target domain, a link, and names that only start like this run's stay."""
+    other = f".pending_{OTHER_RUNS[nb.notebook]}"
+    kept = [pending_folder(nb, f"_{OTHER_TOKEN}", other, age_s=THREE_DAYS_S),
+            pending_folder(nb, f"_Old{OTHER_TOKEN}", age_s=THREE_DAYS_S),
+            pending_folder(nb, f"x_{OTHER_TOKEN}", age_s=THREE_DAYS_S)]
+    link = nb.FIGURE_DIR / f"{PREFIXES[nb.notebook]}_{nb.pending_token}"
+    link.symlink_to(kept[0].parent, target_is_directory=True)
     nb.discard_pending_figures()
     assert [figure.read_bytes() for figure in kept] == [b"a pending figure"] * 3
+    assert link.is_symlink()
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_results_wait_for_figure_lock(nb):
     """While another run holds FIGURE_DIR's lock, this run writes neither its results file nor its figures."""
-    fig, ax = nb.plt.subplots()
-    ax.plot([0, 1], [1, 0])
-    png = nb.save_figure(fig, "curve")
-    nb.plt.close(fig)
+    png = save_curve(nb)
     outcome = {}
     writer = threading.Thread(target=lambda: outcome.update(published=nb.write_results({"run": "this"})),
                               daemon=True)
@@ -113,3 +115,73 @@ def test_results_wait_for_figure_lock(nb):
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "this"}
     assert outcome["published"] == [nb.FIGURE_DIR / png.with_suffix(".pdf").name, nb.FIGURE_DIR / png.name]
     assert not png.parent.exists()
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_other_settings_figures_removed(nb):
+    """A figure that an earlier run of this profile made and this run did not (the 2-class ablation's, say)
+    goes, so that FIGURE_DIR holds only the figures of the results file beside it."""
+    stem = FIGURE_STEMS[nb.notebook]
+    left = nb.FIGURE_DIR / f"{stem}_losses_2class.png"
+    other_run = nb.FIGURE_DIR / f"{OTHER_RUNS[nb.notebook]}_curve.png"
+    unrelated = nb.FIGURE_DIR / "notes.png"
+    for path in (left, other_run, unrelated):
+        path.write_bytes(b"an earlier file")
+    save_curve(nb)
+    nb.write_results({"run": "this"})
+    assert not left.exists()
+    assert other_run.read_bytes() == b"an earlier file"
+    assert unrelated.read_bytes() == b"an earlier file"
+    assert sorted(path.name for path in nb.FIGURE_DIR.glob(f"{stem}_*")) == [f"{stem}_curve.pdf", f"{stem}_curve.png"]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_unwritable_figures_keep_results(nb, monkeypatch):
+    """Where FIGURE_DIR can no longer be written, the earlier results file stays beside the earlier figures."""
+    nb.RESULTS_PATH.parent.mkdir()
+    nb.RESULTS_PATH.write_text('{"run": "earlier"}')
+    png = save_curve(nb)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir) == nb.FIGURE_DIR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(OSError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).startswith(f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); "
+                                       f"set REPORT_DIR to a folder that can be written. The results file is not "
+                                       f"written. This run's figures are in {png.parent}, ")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
+    assert png.exists()
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+@pytest.mark.parametrize(("failure", "fix"), [(errno.EACCES, "make {figures} writable"),
+                                              (errno.ENOTEMPTY, "remove what is in the way at {target}")],
+                         ids=["permission", "in the way"])
+def test_failed_move_names_fix(nb, monkeypatch, failure, fix):
+    png = save_curve(nb)
+
+    def replace(self, target):
+        raise OSError(failure, os.strerror(failure), str(self))
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(OSError) as error:
+        nb.publish_figures()
+    target = nb.FIGURE_DIR / png.with_suffix(".pdf").name
+    assert f"The results file is written; {fix.format(figures=nb.FIGURE_DIR, target=target)} and move" in str(
+        error.value)
+    assert str(error.value).endswith("before this kernel runs the notebook again and deletes them")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_other_runs_probe_kept(nb):
+    """The write check of a run that starts at the same moment is not this run's to delete."""
+    probe = nb.FIGURE_DIR / ".write-check"
+    probe.write_bytes(b"another run's")
+    nb.check_output_folders({nb.FIGURE_DIR: "REPORT_DIR"})
+    assert probe.read_bytes() == b"another run's"
+    assert sorted(path.name for path in nb.FIGURE_DIR.iterdir()) == [".write-check"]

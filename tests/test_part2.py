@@ -618,7 +618,7 @@ def test_figures_published_with_results(nb, tmp_path, monkeypatch):
     ax.plot([0, 1], [1, 0])
     png = nb.save_figure(fig, "curve")
     nb.plt.close(fig)
-    assert png == tmp_path / f".pending_{nb.RUN_NAME}_{os.getpid()}" / f"{nb.RUN_NAME}_curve.png"
+    assert png == tmp_path / f".pending_{nb.RUN_NAME}_{nb.pending_token}" / f"{nb.RUN_NAME}_curve.png"
     assert (tmp_path / f"{nb.RUN_NAME}_curve.png").read_bytes() == b"the last finished run's"
     assert nb.publish_figures() == [tmp_path / f"{nb.RUN_NAME}_curve.pdf", tmp_path / f"{nb.RUN_NAME}_curve.png"]
     assert (tmp_path / f"{nb.RUN_NAME}_curve.png").read_bytes().startswith(b"\x89PNG")
