@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -49,10 +50,11 @@ def pending_folder(nb, suffix, prefix=None, age_s=0):
     return figure
 
 
-def save_curve(nb):
+def save_curve(nb, name=None):
+    """Save a small figure under `name`, by default the notebook's first figure name; return its PNG path."""
     fig, ax = nb.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    png = nb.save_figure(fig, "curve")
+    png = nb.save_figure(fig, name or nb.FIGURE_NAMES[0])
     nb.plt.close(fig)
     return png
 
@@ -120,19 +122,85 @@ def test_results_wait_for_figure_lock(nb):
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_other_settings_figures_removed(nb):
     """A figure that an earlier run of this profile made and this run did not (the 2-class ablation's, say)
-    goes, so that FIGURE_DIR holds only the figures of the results file beside it."""
+    goes, so that FIGURE_DIR holds only the figures of the results file beside it. Other files stay."""
     stem = FIGURE_STEMS[nb.notebook]
-    left = nb.FIGURE_DIR / f"{stem}_losses_2class.png"
-    other_run = nb.FIGURE_DIR / f"{OTHER_RUNS[nb.notebook]}_curve.png"
-    unrelated = nb.FIGURE_DIR / "notes.png"
-    for path in (left, other_run, unrelated):
+    left = nb.FIGURE_DIR / f"{stem}_{nb.FIGURE_NAMES[1]}.png"
+    kept = [nb.FIGURE_DIR / f"{OTHER_RUNS[nb.notebook]}_{nb.FIGURE_NAMES[1]}.png",
+            nb.FIGURE_DIR / f"{stem}_my_notes.png", nb.FIGURE_DIR / "notes.png"]
+    for path in [left, *kept]:
         path.write_bytes(b"an earlier file")
-    save_curve(nb)
+    png = save_curve(nb)
     nb.write_results({"run": "this"})
     assert not left.exists()
-    assert other_run.read_bytes() == b"an earlier file"
-    assert unrelated.read_bytes() == b"an earlier file"
-    assert sorted(path.name for path in nb.FIGURE_DIR.glob(f"{stem}_*")) == [f"{stem}_curve.pdf", f"{stem}_curve.png"]
+    assert [path.read_bytes() for path in kept] == [b"an earlier file"] * 3
+    assert sorted(path.name for path in nb.FIGURE_DIR.glob(f"{stem}_{nb.FIGURE_NAMES[0]}.*")) == [
+        png.with_suffix(".pdf").name, png.name]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_deleted_pending_keeps_results(nb):
+    """Where a later run's start deleted this run's pending figures, the earlier results and figures stay."""
+    nb.RESULTS_PATH.parent.mkdir()
+    nb.RESULTS_PATH.write_text('{"run": "earlier"}')
+    earlier = nb.FIGURE_DIR / f"{FIGURE_STEMS[nb.notebook]}_{nb.FIGURE_NAMES[0]}.png"
+    earlier.write_bytes(b"the earlier run's")
+    png = save_curve(nb)
+    shutil.rmtree(png.parent)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).startswith(f"this run's figure {png.with_suffix('.pdf')} is missing. ")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
+    assert earlier.read_bytes() == b"the earlier run's"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_no_figures_keeps_results(nb):
+    """The last cell run without the cells that make the figures (after the setup cell again, say)."""
+    earlier = nb.FIGURE_DIR / f"{FIGURE_STEMS[nb.notebook]}_{nb.FIGURE_NAMES[0]}.png"
+    earlier.write_bytes(b"the earlier run's")
+    with pytest.raises(RuntimeError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).startswith("this run has saved no figures. Run the notebook from its setup cell on. ")
+    assert not nb.RESULTS_PATH.exists()
+    assert earlier.read_bytes() == b"the earlier run's"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_rerun_last_cell_keeps_figures(nb):
+    png = save_curve(nb)
+    first = nb.write_results({"run": "first"})
+    assert nb.write_results({"run": "again"}) == first
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "again"}
+    assert (nb.FIGURE_DIR / png.name).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_replaced_figure_stops_rerun(nb):
+    """Once another run has published its figures, a rerun of this run's last cell writes no results."""
+    png = save_curve(nb)
+    nb.write_results({"run": "this"})
+    other = nb.FIGURE_DIR / "other.png"
+    other.write_bytes(b"another run's")
+    other.replace(nb.FIGURE_DIR / png.name)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.write_results({"run": "this, again"})
+    assert str(error.value).startswith(f"{nb.FIGURE_DIR / png.name}, which this kernel published, has been "
+                                       f"replaced or removed since, ")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "this"}
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_folder_in_way_keeps_results(nb):
+    nb.RESULTS_PATH.parent.mkdir()
+    nb.RESULTS_PATH.write_text('{"run": "earlier"}')
+    png = save_curve(nb)
+    (nb.FIGURE_DIR / png.name).mkdir()
+    with pytest.raises(IsADirectoryError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).startswith(f"{nb.FIGURE_DIR / png.name} is a folder, where this run's figure of that "
+                                       f"name goes. Remove or rename it. ")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
+    assert png.exists()
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
@@ -153,14 +221,16 @@ def test_unwritable_figures_keep_results(nb, monkeypatch):
         nb.write_results({"run": "this"})
     assert str(error.value).startswith(f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); "
                                        f"set REPORT_DIR to a folder that can be written. The results file is not "
-                                       f"written. This run's figures are in {png.parent}, ")
+                                       f"written, ")
+    assert str(error.value).endswith(f"This run's figures are in {png.parent}.")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
     assert png.exists()
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-@pytest.mark.parametrize(("failure", "fix"), [(errno.EACCES, "make {figures} writable"),
-                                              (errno.ENOTEMPTY, "remove what is in the way at {target}")],
+@pytest.mark.parametrize(("failure", "fix"),
+                         [(errno.EACCES, "check the permissions of {pending}, {figures} and {target}"),
+                          (errno.ENOTEMPTY, "remove what is in the way at {target}")],
                          ids=["permission", "in the way"])
 def test_failed_move_names_fix(nb, monkeypatch, failure, fix):
     png = save_curve(nb)
@@ -172,8 +242,8 @@ def test_failed_move_names_fix(nb, monkeypatch, failure, fix):
     with pytest.raises(OSError) as error:
         nb.publish_figures()
     target = nb.FIGURE_DIR / png.with_suffix(".pdf").name
-    assert f"The results file is written; {fix.format(figures=nb.FIGURE_DIR, target=target)} and move" in str(
-        error.value)
+    expected = fix.format(pending=png.parent, figures=nb.FIGURE_DIR, target=target)
+    assert f"The results file is written; {expected}, and move" in str(error.value)
     assert str(error.value).endswith("before this kernel runs the notebook again and deletes them")
 
 
@@ -185,3 +255,14 @@ def test_other_runs_probe_kept(nb):
     nb.check_output_folders({nb.FIGURE_DIR: "REPORT_DIR"})
     assert probe.read_bytes() == b"another run's"
     assert sorted(path.name for path in nb.FIGURE_DIR.iterdir()) == [".write-check"]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_unknown_figure_name_rejected(nb):
+    """Only names in FIGURE_NAMES, whose files publish_figures may delete, can be saved."""
+    fig, _ = nb.plt.subplots()
+    with pytest.raises(ValueError) as error:
+        nb.save_figure(fig, "my_plot")
+    nb.plt.close(fig)
+    assert str(error.value).startswith("figure name 'my_plot' is not in FIGURE_NAMES (")
+    assert not nb.pending_figures().exists()

@@ -1315,43 +1315,45 @@ def test_full_disk_keeps_earlier_figure(part1, tmp_path, monkeypatch, suffix):
     monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
     fig, ax = part1.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    png = part1.save_figure(fig, "curve")
+    png = part1.save_figure(fig, "learning_curves")
     pending = part1.pending_figures()
     earlier = {path.name: path.read_bytes() for path in pending.iterdir()}
     monkeypatch.setattr(part1, "open_new_file", opener_onto_full_disk(suffix, part1.open_new_file))
     with pytest.raises(OSError) as error:
-        part1.save_figure(fig, "curve")
+        part1.save_figure(fig, "learning_curves")
     part1.plt.close(fig)
     failed = png.with_suffix(suffix.removesuffix(".partial"))
     assert str(error.value).startswith(f"writing {failed} failed (No space left on device); ")
-    assert sorted(earlier) == ["part1_smoke_curve.pdf", "part1_smoke_curve.png"]
+    assert sorted(earlier) == ["part1_smoke_learning_curves.pdf", "part1_smoke_learning_curves.png"]
     assert {path.name: path.read_bytes() for path in pending.iterdir()} == earlier
 
 
 def test_figures_wait_for_results_file(part1, tmp_path, monkeypatch):
     """A run stopped before its results file leaves the last finished run's figures in FIGURE_DIR."""
     monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
-    (tmp_path / "part1_smoke_curve.png").write_bytes(b"the last finished run's")
+    (tmp_path / "part1_smoke_learning_curves.png").write_bytes(b"the last finished run's")
     fig, ax = part1.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    png = part1.save_figure(fig, "curve")
+    png = part1.save_figure(fig, "learning_curves")
     part1.plt.close(fig)
-    assert png == tmp_path / f".pending_part1_smoke_{part1.pending_token}" / "part1_smoke_curve.png"
-    assert (tmp_path / "part1_smoke_curve.png").read_bytes() == b"the last finished run's"
-    assert part1.publish_figures() == [tmp_path / "part1_smoke_curve.pdf", tmp_path / "part1_smoke_curve.png"]
-    assert (tmp_path / "part1_smoke_curve.png").read_bytes().startswith(b"\x89PNG")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["part1_smoke_curve.pdf", "part1_smoke_curve.png"]
+    assert png == tmp_path / f".pending_part1_smoke_{part1.pending_token}" / "part1_smoke_learning_curves.png"
+    assert (tmp_path / "part1_smoke_learning_curves.png").read_bytes() == b"the last finished run's"
+    assert part1.publish_figures() == [tmp_path / "part1_smoke_learning_curves.pdf",
+                                       tmp_path / "part1_smoke_learning_curves.png"]
+    assert (tmp_path / "part1_smoke_learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["part1_smoke_learning_curves.pdf",
+                                                                "part1_smoke_learning_curves.png"]
 
 
 def test_interrupted_runs_figures_discarded(part1, tmp_path, monkeypatch):
     monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
     pending = tmp_path / f".pending_part1_smoke_{part1.pending_token}"
     pending.mkdir()
-    (pending / "part1_smoke_curve.png").write_bytes(b"from a run stopped midway")
-    (tmp_path / "part1_smoke_curve.png").write_bytes(b"the last finished run's")
+    (pending / "part1_smoke_learning_curves.png").write_bytes(b"from a run stopped midway")
+    (tmp_path / "part1_smoke_learning_curves.png").write_bytes(b"the last finished run's")
     part1.discard_pending_figures()
     assert not pending.exists()
-    assert (tmp_path / "part1_smoke_curve.png").read_bytes() == b"the last finished run's"
+    assert (tmp_path / "part1_smoke_learning_curves.png").read_bytes() == b"the last finished run's"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")

@@ -598,13 +598,13 @@ def test_full_disk_keeps_earlier_figure(nb, tmp_path, monkeypatch):
     monkeypatch.setattr(nb, "FIGURE_DIR", tmp_path)
     fig, ax = nb.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    nb.save_figure(fig, "curve")
+    nb.save_figure(fig, "confusion")
     earlier = {path.name: path.read_bytes() for path in nb.pending_figures().iterdir()}
     monkeypatch.setattr(nb, "open_new_file", opener_onto_full_disk(".pdf.partial", nb.open_new_file))
     with pytest.raises(OSError) as error:
-        nb.save_figure(fig, "curve")
+        nb.save_figure(fig, "confusion")
     nb.plt.close(fig)
-    pdf = nb.pending_figures() / f"{nb.RUN_NAME}_curve.pdf"
+    pdf = nb.pending_figures() / f"{nb.RUN_NAME}_confusion.pdf"
     assert str(error.value).startswith(f"writing {pdf} failed (No space left on device); ")
     assert str(error.value).endswith(f"The earlier {pdf.name} is unchanged, and the checkpoints are kept, so a "
                                      f"rerun reuses the trained models.")
@@ -613,15 +613,16 @@ def test_full_disk_keeps_earlier_figure(nb, tmp_path, monkeypatch):
 
 def test_figures_published_with_results(nb, tmp_path, monkeypatch):
     monkeypatch.setattr(nb, "FIGURE_DIR", tmp_path)
-    (tmp_path / f"{nb.RUN_NAME}_curve.png").write_bytes(b"the last finished run's")
+    (tmp_path / f"{nb.RUN_NAME}_confusion.png").write_bytes(b"the last finished run's")
     fig, ax = nb.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    png = nb.save_figure(fig, "curve")
+    png = nb.save_figure(fig, "confusion")
     nb.plt.close(fig)
-    assert png == tmp_path / f".pending_{nb.RUN_NAME}_{nb.pending_token}" / f"{nb.RUN_NAME}_curve.png"
-    assert (tmp_path / f"{nb.RUN_NAME}_curve.png").read_bytes() == b"the last finished run's"
-    assert nb.publish_figures() == [tmp_path / f"{nb.RUN_NAME}_curve.pdf", tmp_path / f"{nb.RUN_NAME}_curve.png"]
-    assert (tmp_path / f"{nb.RUN_NAME}_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert png == tmp_path / f".pending_{nb.RUN_NAME}_{nb.pending_token}" / f"{nb.RUN_NAME}_confusion.png"
+    assert (tmp_path / f"{nb.RUN_NAME}_confusion.png").read_bytes() == b"the last finished run's"
+    assert nb.publish_figures() == [tmp_path / f"{nb.RUN_NAME}_confusion.pdf",
+                                    tmp_path / f"{nb.RUN_NAME}_confusion.png"]
+    assert (tmp_path / f"{nb.RUN_NAME}_confusion.png").read_bytes().startswith(b"\x89PNG")
     assert not png.parent.exists()
 
 
