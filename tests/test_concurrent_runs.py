@@ -1,5 +1,5 @@
-"""Runs of one profile at once, in both notebooks: each keeps its pending figures, and the results file and the
-figures in FIGURE_DIR come from the same run."""
+"""Runs of one profile at once, and reruns of the last cell, in both notebooks: each run keeps its pending figures,
+and the results file and the figures in FIGURE_DIR come from the same run."""
 
 from __future__ import annotations
 
@@ -50,13 +50,25 @@ def pending_folder(nb, suffix, prefix=None, age_s=0):
     return figure
 
 
-def save_curve(nb, name=None):
-    """Save a small figure under `name`, by default the notebook's first figure name; return its PNG path."""
+def save_figures(nb, names=None):
+    """Save a small figure under each of `names`, by default every figure the settings call for; return the PNG
+    paths."""
+    stem = FIGURE_STEMS[nb.notebook]
+    names = names or [name for name in nb.FIGURE_NAMES if f"{stem}_{name}.png" in nb.expected_figures()]
     fig, ax = nb.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    png = nb.save_figure(fig, name or nb.FIGURE_NAMES[0])
+    pngs = [nb.save_figure(fig, name) for name in names]
     nb.plt.close(fig)
-    return png
+    return pngs
+
+
+def write_earlier_run(nb):
+    """Write the results file and the first figure of an earlier run; return that figure."""
+    nb.RESULTS_PATH.parent.mkdir()
+    nb.RESULTS_PATH.write_text('{"run": "earlier"}')
+    earlier = nb.FIGURE_DIR / f"{FIGURE_STEMS[nb.notebook]}_{nb.FIGURE_NAMES[0]}.png"
+    earlier.write_bytes(b"the earlier run's")
+    return earlier
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
@@ -72,7 +84,7 @@ def test_running_runs_figures_kept(nb, monkeypatch):
     """A run that starts while another run of its profile is going leaves the other run's figures alone."""
     with monkeypatch.context() as other_run:
         other_run.setattr(nb, "pending_token", OTHER_TOKEN)
-        png = save_curve(nb)
+        png = save_figures(nb, nb.FIGURE_NAMES[:1])[0]
     nb.discard_pending_figures()
     assert png.read_bytes().startswith(b"\x89PNG")
 
@@ -103,7 +115,7 @@ def test_other_runs_figures_kept(nb):
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_results_wait_for_figure_lock(nb):
     """While another run holds FIGURE_DIR's lock, this run writes neither its results file nor its figures."""
-    png = save_curve(nb)
+    pngs = save_figures(nb)
     outcome = {}
     writer = threading.Thread(target=lambda: outcome.update(published=nb.write_results({"run": "this"})),
                               daemon=True)
@@ -112,103 +124,112 @@ def test_results_wait_for_figure_lock(nb):
         writer.join(timeout=1)
         assert writer.is_alive(), "write_results did not wait for the lock"
         assert not nb.RESULTS_PATH.exists()
-        assert png.exists()
+        assert all(png.exists() for png in pngs)
     writer.join(timeout=60)
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "this"}
-    assert outcome["published"] == [nb.FIGURE_DIR / png.with_suffix(".pdf").name, nb.FIGURE_DIR / png.name]
-    assert not png.parent.exists()
+    assert outcome["published"] == [nb.FIGURE_DIR / name for name in nb.expected_figures()]
+    assert not pngs[0].parent.exists()
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_other_settings_figures_removed(nb):
-    """A figure that an earlier run of this profile made and this run did not (the 2-class ablation's, say)
-    goes, so that FIGURE_DIR holds only the figures of the results file beside it. Other files stay."""
-    stem = FIGURE_STEMS[nb.notebook]
-    left = nb.FIGURE_DIR / f"{stem}_{nb.FIGURE_NAMES[1]}.png"
-    kept = [nb.FIGURE_DIR / f"{OTHER_RUNS[nb.notebook]}_{nb.FIGURE_NAMES[1]}.png",
-            nb.FIGURE_DIR / f"{stem}_my_notes.png", nb.FIGURE_DIR / "notes.png"]
+@pytest.mark.parametrize("nb", ["part2_cyclegan.ipynb"], indirect=True)
+def test_other_settings_figures_removed(nb, monkeypatch):
+    """With RUN_ABLATION off, an earlier run's 2-class figure goes, so that FIGURE_DIR holds only the figures of
+    the results file beside it. Files with other names stay, a user's among them."""
+    monkeypatch.setattr(nb, "RUN_ABLATION", False)
+    left = nb.FIGURE_DIR / "part2_smoke_synthetic_losses_2class.png"
+    kept = [nb.FIGURE_DIR / "part2_smoke_svhn_losses_2class.png", nb.FIGURE_DIR / "part2_smoke_synthetic_notes.png",
+            nb.FIGURE_DIR / "part2_smoke_synthetic_losses_2class.PNG", nb.FIGURE_DIR / "notes.png"]
     for path in [left, *kept]:
         path.write_bytes(b"an earlier file")
-    png = save_curve(nb)
+    save_figures(nb)
     nb.write_results({"run": "this"})
     assert not left.exists()
-    assert [path.read_bytes() for path in kept] == [b"an earlier file"] * 3
-    assert sorted(path.name for path in nb.FIGURE_DIR.glob(f"{stem}_{nb.FIGURE_NAMES[0]}.*")) == [
-        png.with_suffix(".pdf").name, png.name]
+    assert [path.read_bytes() for path in kept] == [b"an earlier file"] * 4
+
+
+@pytest.mark.parametrize("nb", ["part2_cyclegan.ipynb"], indirect=True)
+def test_ablation_off_drops_figures(nb, monkeypatch):
+    """Part 2 run again in one kernel with RUN_ABLATION off: the 2-class figures of its first run go."""
+    save_figures(nb)
+    nb.write_results({"run": "with ablation"})
+    monkeypatch.setattr(nb, "RUN_ABLATION", False)
+    save_figures(nb, ["confusion", "class_preservation"])
+    published = nb.write_results({"run": "without ablation"})
+    assert not list(nb.FIGURE_DIR.glob("*_2class.p*"))
+    assert sorted(path.name for path in nb.FIGURE_DIR.glob("part2_*")) == sorted(path.name for path in published)
+    assert len(published) == 2 * 6
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_deleted_pending_keeps_results(nb):
     """Where a later run's start deleted this run's pending figures, the earlier results and figures stay."""
-    nb.RESULTS_PATH.parent.mkdir()
-    nb.RESULTS_PATH.write_text('{"run": "earlier"}')
-    earlier = nb.FIGURE_DIR / f"{FIGURE_STEMS[nb.notebook]}_{nb.FIGURE_NAMES[0]}.png"
-    earlier.write_bytes(b"the earlier run's")
-    png = save_curve(nb)
-    shutil.rmtree(png.parent)
+    earlier = write_earlier_run(nb)
+    pngs = save_figures(nb)
+    shutil.rmtree(pngs[0].parent)
     with pytest.raises(FileNotFoundError) as error:
         nb.write_results({"run": "this"})
-    assert str(error.value).startswith(f"this run's figure {png.with_suffix('.pdf')} is missing. ")
+    assert str(error.value).startswith(f"this run's figure {pngs[0].with_suffix('.pdf')} is missing: ")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
     assert earlier.read_bytes() == b"the earlier run's"
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_no_figures_keeps_results(nb):
-    """The last cell run without the cells that make the figures (after the setup cell again, say)."""
-    earlier = nb.FIGURE_DIR / f"{FIGURE_STEMS[nb.notebook]}_{nb.FIGURE_NAMES[0]}.png"
-    earlier.write_bytes(b"the earlier run's")
+def test_missing_figure_keeps_results(nb):
+    """The last cell run without all the cells that make the figures (after the first cells again, say)."""
+    earlier = write_earlier_run(nb)
+    save_figures(nb, nb.FIGURE_NAMES[1:2])
     with pytest.raises(RuntimeError) as error:
         nb.write_results({"run": "this"})
-    assert str(error.value).startswith("this run has saved no figures. Run the notebook from its setup cell on. ")
-    assert not nb.RESULTS_PATH.exists()
+    first = f"{FIGURE_STEMS[nb.notebook]}_{nb.FIGURE_NAMES[0]}"
+    assert str(error.value).startswith(f"this run has not saved {first}.pdf, {first}.png, ")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
     assert earlier.read_bytes() == b"the earlier run's"
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_rerun_last_cell_keeps_figures(nb):
-    png = save_curve(nb)
+    pngs = save_figures(nb)
     first = nb.write_results({"run": "first"})
     assert nb.write_results({"run": "again"}) == first
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "again"}
-    assert (nb.FIGURE_DIR / png.name).read_bytes().startswith(b"\x89PNG")
+    assert (nb.FIGURE_DIR / pngs[0].name).read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_replaced_figure_stops_rerun(nb):
     """Once another run has published its figures, a rerun of this run's last cell writes no results."""
-    png = save_curve(nb)
+    pngs = save_figures(nb)
     nb.write_results({"run": "this"})
     other = nb.FIGURE_DIR / "other.png"
     other.write_bytes(b"another run's")
-    other.replace(nb.FIGURE_DIR / png.name)
+    other.replace(nb.FIGURE_DIR / pngs[0].name)
     with pytest.raises(FileNotFoundError) as error:
         nb.write_results({"run": "this, again"})
-    assert str(error.value).startswith(f"{nb.FIGURE_DIR / png.name}, which this kernel published, has been "
+    assert str(error.value).startswith(f"{nb.FIGURE_DIR / pngs[0].name}, which this kernel published, has been "
                                        f"replaced or removed since, ")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "this"}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_folder_in_way_keeps_results(nb):
-    nb.RESULTS_PATH.parent.mkdir()
-    nb.RESULTS_PATH.write_text('{"run": "earlier"}')
-    png = save_curve(nb)
-    (nb.FIGURE_DIR / png.name).mkdir()
+    write_earlier_run(nb)
+    pngs = save_figures(nb)
+    (nb.FIGURE_DIR / pngs[-1].name).mkdir()
     with pytest.raises(IsADirectoryError) as error:
         nb.write_results({"run": "this"})
-    assert str(error.value).startswith(f"{nb.FIGURE_DIR / png.name} is a folder, where this run's figure of that "
-                                       f"name goes. Remove or rename it. ")
+    assert str(error.value).startswith(f"{nb.FIGURE_DIR / pngs[-1].name} is a folder, where this run's figure of "
+                                       f"that name goes. Remove or rename it, then run this cell again. ")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
-    assert png.exists()
+    assert all(png.exists() for png in pngs)
+    (nb.FIGURE_DIR / pngs[-1].name).rmdir()
+    assert len(nb.write_results({"run": "this"})) == 2 * len(pngs), "a rerun of the cell publishes them"
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_unwritable_figures_keep_results(nb, monkeypatch):
     """Where FIGURE_DIR can no longer be written, the earlier results file stays beside the earlier figures."""
-    nb.RESULTS_PATH.parent.mkdir()
-    nb.RESULTS_PATH.write_text('{"run": "earlier"}')
-    png = save_curve(nb)
+    write_earlier_run(nb)
+    pngs = save_figures(nb)
     real_mkstemp = tempfile.mkstemp
 
     def mkstemp(*args, dir=None, **kwargs):
@@ -220,20 +241,34 @@ def test_unwritable_figures_keep_results(nb, monkeypatch):
     with pytest.raises(OSError) as error:
         nb.write_results({"run": "this"})
     assert str(error.value).startswith(f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); "
-                                       f"set REPORT_DIR to a folder that can be written. The results file is not "
-                                       f"written, ")
-    assert str(error.value).endswith(f"This run's figures are in {png.parent}.")
+                                       f"make it writable for this user, then run this cell again. The results file "
+                                       f"is not written, ")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
-    assert png.exists()
+    assert all(png.exists() for png in pngs)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_others_file_in_sticky_folder(nb, monkeypatch):
+    """In a folder with the sticky bit, another user's earlier figure cannot be replaced: stop before the results."""
+    earlier = write_earlier_run(nb)
+    save_figures(nb)
+    monkeypatch.setattr(nb, "may_replace", lambda path: path != earlier)
+    with pytest.raises(PermissionError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).startswith(f"{earlier} belongs to another user, and {nb.FIGURE_DIR} has the sticky bit")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 @pytest.mark.parametrize(("failure", "fix"),
-                         [(errno.EACCES, "check the permissions of {pending}, {figures} and {target}"),
-                          (errno.ENOTEMPTY, "remove what is in the way at {target}")],
-                         ids=["permission", "in the way"])
+                         [(errno.EACCES, "check the permissions of {pending}, {figures} and {target}, then run this "
+                                         "cell again, which moves the rest"),
+                          (errno.ENOTEMPTY, "remove what is in the way at {target}, then run this cell again, which "
+                                            "moves the rest"),
+                          (errno.ENOENT, "{path} was removed meanwhile; run the notebook from the top")],
+                         ids=["permission", "in the way", "removed"])
 def test_failed_move_names_fix(nb, monkeypatch, failure, fix):
-    png = save_curve(nb)
+    pngs = save_figures(nb)
 
     def replace(self, target):
         raise OSError(failure, os.strerror(failure), str(self))
@@ -241,10 +276,11 @@ def test_failed_move_names_fix(nb, monkeypatch, failure, fix):
     monkeypatch.setattr(Path, "replace", replace)
     with pytest.raises(OSError) as error:
         nb.publish_figures()
-    target = nb.FIGURE_DIR / png.with_suffix(".pdf").name
-    expected = fix.format(pending=png.parent, figures=nb.FIGURE_DIR, target=target)
-    assert f"The results file is written; {expected}, and move" in str(error.value)
-    assert str(error.value).endswith("before this kernel runs the notebook again and deletes them")
+    path = pngs[0].with_suffix(".pdf")
+    target = nb.FIGURE_DIR / path.name
+    expected = fix.format(pending=path.parent, figures=nb.FIGURE_DIR, target=target, path=path)
+    assert str(error.value).endswith(f"The results file is written, but only some of this run's figures are in "
+                                     f"{nb.FIGURE_DIR}: {expected}")
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
@@ -266,3 +302,21 @@ def test_unknown_figure_name_rejected(nb):
     nb.plt.close(fig)
     assert str(error.value).startswith("figure name 'my_plot' is not in FIGURE_NAMES (")
     assert not nb.pending_figures().exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="file owners and the sticky bit are POSIX")
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_may_replace_reads_sticky_bit(nb, monkeypatch, tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = folder / "figure.png"
+    path.write_bytes(b"")
+    owner = path.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)      # another user, not root
+    assert nb.may_replace(path), "without the sticky bit anyone who may write the folder may"
+    folder.chmod(0o1777)
+    assert not nb.may_replace(path)
+    if owner == 0:                       # root may give the file to another user, who then owns it
+        os.chown(path, 12345, -1)
+        monkeypatch.setattr(os, "geteuid", lambda: 12345)
+        assert nb.may_replace(path), "the file's owner may"

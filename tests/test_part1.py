@@ -1334,15 +1334,14 @@ def test_figures_wait_for_results_file(part1, tmp_path, monkeypatch):
     (tmp_path / "part1_smoke_learning_curves.png").write_bytes(b"the last finished run's")
     fig, ax = part1.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    png = part1.save_figure(fig, "learning_curves")
+    pngs = [part1.save_figure(fig, name) for name in part1.FIGURE_NAMES]
     part1.plt.close(fig)
-    assert png == tmp_path / f".pending_part1_smoke_{part1.pending_token}" / "part1_smoke_learning_curves.png"
+    assert pngs[0] == tmp_path / f".pending_part1_smoke_{part1.pending_token}" / "part1_smoke_learning_curves.png"
     assert (tmp_path / "part1_smoke_learning_curves.png").read_bytes() == b"the last finished run's"
-    assert part1.publish_figures() == [tmp_path / "part1_smoke_learning_curves.pdf",
-                                       tmp_path / "part1_smoke_learning_curves.png"]
+    assert part1.publish_figures() == [tmp_path / f"part1_smoke_{name}{suffix}" for name in part1.FIGURE_NAMES
+                                       for suffix in (".pdf", ".png")]
     assert (tmp_path / "part1_smoke_learning_curves.png").read_bytes().startswith(b"\x89PNG")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["part1_smoke_learning_curves.pdf",
-                                                                "part1_smoke_learning_curves.png"]
+    assert len(list(tmp_path.iterdir())) == 2 * len(part1.FIGURE_NAMES), "the pending folder is gone"
 
 
 def test_interrupted_runs_figures_discarded(part1, tmp_path, monkeypatch):

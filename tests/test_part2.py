@@ -616,12 +616,15 @@ def test_figures_published_with_results(nb, tmp_path, monkeypatch):
     (tmp_path / f"{nb.RUN_NAME}_confusion.png").write_bytes(b"the last finished run's")
     fig, ax = nb.plt.subplots()
     ax.plot([0, 1], [1, 0])
-    png = nb.save_figure(fig, "confusion")
+    pngs = {name: nb.save_figure(fig, name) for name in nb.FIGURE_NAMES}
     nb.plt.close(fig)
+    png = pngs["confusion"]
     assert png == tmp_path / f".pending_{nb.RUN_NAME}_{nb.pending_token}" / f"{nb.RUN_NAME}_confusion.png"
     assert (tmp_path / f"{nb.RUN_NAME}_confusion.png").read_bytes() == b"the last finished run's"
-    assert nb.publish_figures() == [tmp_path / f"{nb.RUN_NAME}_confusion.pdf",
-                                    tmp_path / f"{nb.RUN_NAME}_confusion.png"]
+    published = nb.publish_figures()
+    assert published[-2:] == [tmp_path / f"{nb.RUN_NAME}_class_preservation.pdf",
+                              tmp_path / f"{nb.RUN_NAME}_class_preservation.png"]
+    assert len(published) == 2 * len(nb.FIGURE_NAMES)
     assert (tmp_path / f"{nb.RUN_NAME}_confusion.png").read_bytes().startswith(b"\x89PNG")
     assert not png.parent.exists()
 
