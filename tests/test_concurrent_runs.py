@@ -168,7 +168,8 @@ def test_deleted_pending_keeps_results(nb):
     shutil.rmtree(pngs[0].parent)
     with pytest.raises(FileNotFoundError) as error:
         nb.write_results({"run": "this"})
-    assert str(error.value).startswith(f"this run's figure {pngs[0].with_suffix('.pdf')} is missing: ")
+    assert str(error.value).startswith(f"this run's figure {pngs[0].with_suffix('.pdf')} is missing, deleted by hand "
+                                       f"or by the start of a run of this profile")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
     assert earlier.read_bytes() == b"the earlier run's"
 
@@ -240,9 +241,9 @@ def test_unwritable_figures_keep_results(nb, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     with pytest.raises(OSError) as error:
         nb.write_results({"run": "this"})
-    assert str(error.value).startswith(f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); "
-                                       f"make it writable for this user, then run this cell again. The results file "
-                                       f"is not written, ")
+    assert str(error.value).startswith(f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); this "
+                                       f"process may not write to {nb.FIGURE_DIR}. Make that folder writable, then "
+                                       f"run this cell again. The results file is not written, ")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
     assert all(png.exists() for png in pngs)
 
@@ -257,6 +258,46 @@ def test_others_file_in_sticky_folder(nb, monkeypatch):
         nb.write_results({"run": "this"})
     assert str(error.value).startswith(f"{earlier} belongs to another user, and {nb.FIGURE_DIR} has the sticky bit")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_others_results_in_sticky_folder(nb, monkeypatch):
+    """The same for the earlier results file, which the results folder's sticky bit may protect."""
+    earlier = write_earlier_run(nb)
+    save_figures(nb)
+    monkeypatch.setattr(nb, "may_replace", lambda path: path != nb.RESULTS_PATH)
+    with pytest.raises(PermissionError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).startswith(f"{nb.RESULTS_PATH} belongs to another user, and {nb.RESULTS_PATH.parent} "
+                                       f"has the sticky bit")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
+    assert earlier.read_bytes() == b"the earlier run's"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_partial_publish_rerun_warns(nb, monkeypatch):
+    """A rerun of the last cell after a move failed midway: its check must not claim the results are unchanged."""
+    save_figures(nb)
+    real_replace = Path.replace
+    moved = []
+
+    def replace_once(self, target):
+        """Move the first pending figure, then fail; leave other renames (the results file's) alone."""
+        if self.parent == nb.pending_figures():
+            if moved:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            moved.append(self)
+        return real_replace(self, target)
+
+    with monkeypatch.context() as failing:
+        failing.setattr(Path, "replace", replace_once)
+        with pytest.raises(OSError):
+            nb.write_results({"run": "this"})
+    (nb.FIGURE_DIR / moved[0].name).unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).endswith("This kernel wrote its results file before, so until this cell runs through, "
+                                     "that file and the figures in FIGURE_DIR may not match.")
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
