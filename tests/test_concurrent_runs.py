@@ -249,27 +249,17 @@ def test_unwritable_figures_keep_results(nb, monkeypatch):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_others_file_in_sticky_folder(nb, monkeypatch):
-    """In a folder with the sticky bit, another user's earlier figure cannot be replaced: stop before the results."""
+@pytest.mark.parametrize("protected", ["figure", "results"])
+def test_others_file_in_sticky_folder(nb, monkeypatch, protected):
+    """In a folder with the sticky bit, another user's earlier figure or results file cannot be replaced: stop
+    before the results file is written."""
     earlier = write_earlier_run(nb)
     save_figures(nb)
-    monkeypatch.setattr(nb, "may_replace", lambda path: path != earlier)
+    blocked = earlier if protected == "figure" else nb.RESULTS_PATH
+    monkeypatch.setattr(nb, "may_replace", lambda path: path != blocked)
     with pytest.raises(PermissionError) as error:
         nb.write_results({"run": "this"})
-    assert str(error.value).startswith(f"{earlier} belongs to another user, and {nb.FIGURE_DIR} has the sticky bit")
-    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
-
-
-@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_others_results_in_sticky_folder(nb, monkeypatch):
-    """The same for the earlier results file, which the results folder's sticky bit may protect."""
-    earlier = write_earlier_run(nb)
-    save_figures(nb)
-    monkeypatch.setattr(nb, "may_replace", lambda path: path != nb.RESULTS_PATH)
-    with pytest.raises(PermissionError) as error:
-        nb.write_results({"run": "this"})
-    assert str(error.value).startswith(f"{nb.RESULTS_PATH} belongs to another user, and {nb.RESULTS_PATH.parent} "
-                                       f"has the sticky bit")
+    assert str(error.value).startswith(f"{blocked} belongs to another user, and {blocked.parent} has the sticky bit")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
     assert earlier.read_bytes() == b"the earlier run's"
 
