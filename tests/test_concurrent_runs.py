@@ -102,13 +102,13 @@ def test_stopped_runs_figures_discarded(nb):
 def test_other_runs_figures_kept(nb):
     """Folders of another profile or target domain, a link, and names that only start like this run's stay."""
     other = f".pending_{OTHER_RUNS[nb.notebook]}"
-    kept = [pending_folder(nb, f"_{OTHER_TOKEN}", other, age_s=THREE_DAYS_S),
+    untouched = [pending_folder(nb, f"_{OTHER_TOKEN}", other, age_s=THREE_DAYS_S),
             pending_folder(nb, f"_Old{OTHER_TOKEN}", age_s=THREE_DAYS_S),
             pending_folder(nb, f"x_{OTHER_TOKEN}", age_s=THREE_DAYS_S)]
     link = nb.FIGURE_DIR / f"{PREFIXES[nb.notebook]}_{nb.pending_token}"
-    link.symlink_to(kept[0].parent, target_is_directory=True)
+    link.symlink_to(untouched[0].parent, target_is_directory=True)
     nb.discard_pending_figures()
-    assert [figure.read_bytes() for figure in kept] == [b"a pending figure"] * 3
+    assert [figure.read_bytes() for figure in untouched] == [b"a pending figure"] * 3
     assert link.is_symlink()
 
 
@@ -136,15 +136,16 @@ def test_other_settings_figures_removed(nb, monkeypatch):
     """With RUN_ABLATION off, an earlier run's 2-class figure goes, so that FIGURE_DIR holds only the figures of
     the results file beside it. Files with other names stay, a user's among them."""
     monkeypatch.setattr(nb, "RUN_ABLATION", False)
-    left = nb.FIGURE_DIR / "part2_smoke_synthetic_losses_2class.png"
-    kept = [nb.FIGURE_DIR / "part2_smoke_svhn_losses_2class.png", nb.FIGURE_DIR / "part2_smoke_synthetic_notes.png",
-            nb.FIGURE_DIR / "part2_smoke_synthetic_losses_2class.PNG", nb.FIGURE_DIR / "notes.png"]
-    for path in [left, *kept]:
+    stale = nb.FIGURE_DIR / "part2_smoke_synthetic_losses_2class.png"
+    untouched = [nb.FIGURE_DIR / "part2_smoke_svhn_losses_2class.png",
+                 nb.FIGURE_DIR / "part2_smoke_synthetic_notes.png",
+                 nb.FIGURE_DIR / "part2_smoke_synthetic_losses_2class.PNG", nb.FIGURE_DIR / "notes.png"]
+    for path in [stale, *untouched]:
         path.write_bytes(b"an earlier file")
     save_figures(nb)
     nb.write_results({"run": "this"})
-    assert not left.exists()
-    assert [path.read_bytes() for path in kept] == [b"an earlier file"] * 4
+    assert not stale.exists()
+    assert [path.read_bytes() for path in untouched] == [b"an earlier file"] * 4
 
 
 @pytest.mark.parametrize("nb", ["part2_cyclegan.ipynb"], indirect=True)
