@@ -6,6 +6,7 @@ import ast
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -647,6 +648,27 @@ def test_interrupted_run_keeps_good_copy(tmp_path, monkeypatch):
     assert str(failed) in interrupted[0]
 
 
+# NOTE: ipykernel 7.4.0 can log one traceback of its own while the kernel shuts down. IOPubThread.schedule checks
+# that its thread is alive and then writes to the thread's event pipe, which stop() may close in between, so the
+# write raises ZMQError (Socket operation on non-socket). The race is inside the kernel, not the runner, so
+# test_ctrl_c_stops_cell_cleanly leaves out that one traceback. It failed one of six full test runs on 2026-12-06.
+KERNEL_SHUTDOWN_RACE = re.compile(r"ERROR:tornado\.general:Uncaught exception in ZMQStream callback\n"
+                                  r"(?:(?!\nERROR:).)*?ipykernel/iostream\.py(?:(?!\nERROR:).)*?"
+                                  r"zmq\.error\.ZMQError: Socket operation on non-socket\n", re.DOTALL)
+
+
+def test_kernel_race_filter_is_narrow():
+    """The filter drops ipykernel's shutdown race and keeps any other traceback, the runner's included."""
+    race = ("ERROR:tornado.general:Uncaught exception in ZMQStream callback\nTraceback (most recent call last):\n"
+            '  File ".../ipykernel/iostream.py", line 343, in schedule\n'
+            "zmq.error.ZMQError: Socket operation on non-socket\n")
+    other = 'Traceback (most recent call last):\n  File "tools/run_notebooks.py"\nKeyboardInterrupt\n'
+    assert KERNEL_SHUTDOWN_RACE.sub("", "Ctrl-C\n" + race) == "Ctrl-C\n"
+    assert KERNEL_SHUTDOWN_RACE.sub("", other + race) == other
+    assert KERNEL_SHUTDOWN_RACE.sub("", race.replace("iostream", "kernelbase")) == race.replace("iostream",
+                                                                                               "kernelbase")
+
+
 @pytest.mark.skipif(os.name != "posix", reason="the kernel's process group gets the Ctrl-C only on POSIX systems")
 def test_ctrl_c_stops_cell_cleanly(tmp_path):
     """Ctrl-C stops the running cell inside the kernel, which then shuts down without tracebacks."""
@@ -667,7 +689,7 @@ def test_ctrl_c_stops_cell_cleanly(tmp_path):
     stdout, stderr = run.communicate(timeout=60)
     assert run.returncode == 130
     assert "stopping the running cell" in stderr
-    assert "Traceback" not in stderr, stderr
+    assert "Traceback" not in KERNEL_SHUTDOWN_RACE.sub("", stderr), stderr
     assert "interrupted; executed copy so far" in stdout
     executed = nbformat.read(tmp_path / "slow.out.failed.ipynb", as_version=4)
     assert executed.cells[0].outputs[-1]["ename"] == "KeyboardInterrupt"
