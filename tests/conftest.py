@@ -64,6 +64,16 @@ def real_data() -> Path:
 
 
 @pytest.fixture
+def set_setting(monkeypatch):
+    """Set a notebook setting as a run from the settings cell would: its global variable and its entry in
+    SETTINGS, which check_settings_unchanged compares. Both are restored after the test."""
+    def set_value(definitions, name, value):
+        monkeypatch.setattr(definitions, name, value)
+        monkeypatch.setitem(definitions.SETTINGS, name, value)
+    return set_value
+
+
+@pytest.fixture
 def run_notebook(tmp_path):
     """Execute a notebook of the repository with settings as environment variables.
 

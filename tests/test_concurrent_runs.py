@@ -132,10 +132,10 @@ def test_results_wait_for_figure_lock(nb):
 
 
 @pytest.mark.parametrize("nb", ["part2_cyclegan.ipynb"], indirect=True)
-def test_other_settings_figures_removed(nb, monkeypatch):
+def test_other_settings_figures_removed(nb, set_setting):
     """With RUN_ABLATION off, an earlier run's 2-class figure goes, so that FIGURE_DIR holds only the figures of
     the results file beside it. Files with other names stay, a user's among them."""
-    monkeypatch.setattr(nb, "RUN_ABLATION", False)
+    set_setting(nb, "RUN_ABLATION", False)
     stale = nb.FIGURE_DIR / "part2_smoke_synthetic_losses_2class.png"
     untouched = [nb.FIGURE_DIR / "part2_smoke_svhn_losses_2class.png",
                  nb.FIGURE_DIR / "part2_smoke_synthetic_notes.png",
@@ -149,11 +149,11 @@ def test_other_settings_figures_removed(nb, monkeypatch):
 
 
 @pytest.mark.parametrize("nb", ["part2_cyclegan.ipynb"], indirect=True)
-def test_ablation_off_drops_figures(nb, monkeypatch):
+def test_ablation_off_drops_figures(nb, set_setting):
     """Part 2 run again in one kernel with RUN_ABLATION off: the 2-class figures of its first run go."""
     save_figures(nb)
     nb.write_results({"run": "with ablation"})
-    monkeypatch.setattr(nb, "RUN_ABLATION", False)
+    set_setting(nb, "RUN_ABLATION", False)
     save_figures(nb, ["confusion", "class_preservation"])
     published = nb.write_results({"run": "without ablation"})
     assert not list(nb.FIGURE_DIR.glob("*_2class.p*"))

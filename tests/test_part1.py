@@ -1154,6 +1154,14 @@ def run_training(part1, checkpoint, settings, stop_after=None, name="MyLSTM_att"
     return model, history
 
 
+def test_training_stops_on_changed_setting(part1, tmp_path, monkeypatch):
+    """HIDDEN_SIZE set again after the settings were read: training stops before it writes a checkpoint."""
+    monkeypatch.setattr(part1, "HIDDEN_SIZE", part1.SETTINGS["HIDDEN_SIZE"] + 1)
+    checkpoint = tmp_path / "model.pt"
+    with pytest.raises(RuntimeError, match="stopped before training MyLSTM_att, because HIDDEN_SIZE = "):
+        run_training(part1, checkpoint, train_settings(part1))
+    assert not checkpoint.exists()
+
 
 class RecordingAdam(torch.optim.Adam):
     """Adam that records the learning rate and the gradients' total norm of each step."""

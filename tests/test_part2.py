@@ -1589,9 +1589,9 @@ def test_resumed_fused_adam_gets_its_step_layout(tiny_run, monkeypatch):
     tiny_run.train_iteration(resumed, next(resumed_streams[0]), next(resumed_streams[1]))
 
 
-def test_force_retrain_ignores_checkpoint(tiny_run, monkeypatch):
+def test_force_retrain_ignores_checkpoint(tiny_run, monkeypatch, set_setting):
     tiny_run.train_cyclegan("run", 11, 2)
-    monkeypatch.setattr(tiny_run, "FORCE_RETRAIN", True)
+    set_setting(tiny_run, "FORCE_RETRAIN", True)
     calls = []
     original = tiny_run.train_iteration
     monkeypatch.setattr(tiny_run, "train_iteration",
@@ -1600,11 +1600,11 @@ def test_force_retrain_ignores_checkpoint(tiny_run, monkeypatch):
     assert len(calls) == 4
 
 
-def test_force_retrain_keeps_every_backup(tiny_run, monkeypatch, tmp_path):
+def test_force_retrain_keeps_every_backup(tiny_run, set_setting):
     tiny_run.train_cyclegan("run", 11, 2)
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
     first = checkpoint.read_bytes()
-    monkeypatch.setattr(tiny_run, "FORCE_RETRAIN", True)
+    set_setting(tiny_run, "FORCE_RETRAIN", True)
     tiny_run.train_cyclegan("run", 11, 2)
     tiny_run.train_cyclegan("run", 11, 2)
     backups = list(tiny_run.RUN_CHECKPOINT_DIR.glob("cyclegan_run.pt.*.old"))
@@ -1612,11 +1612,27 @@ def test_force_retrain_keeps_every_backup(tiny_run, monkeypatch, tmp_path):
     assert any(path.read_bytes() == first for path in backups)
 
 
-def test_checkpoint_with_other_settings_is_kept_and_rejected(tiny_run, monkeypatch):
+def test_training_stops_on_changed_setting(tiny_run, monkeypatch):
+    """GAN_STEPS set again after the settings were read: neither the CycleGAN nor a classifier trains, and the
+    finished run's checkpoint stays as it was."""
     tiny_run.train_cyclegan("run", 11, 2)
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
     saved = checkpoint.read_bytes()
-    monkeypatch.setitem(tiny_run.SETTINGS, "CYCLE_WEIGHT", 5.0)
+    monkeypatch.setattr(tiny_run, "GAN_STEPS", 6)
+    with pytest.raises(RuntimeError, match="stopped before training the run CycleGAN, because GAN_STEPS = 6 "):
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert checkpoint.read_bytes() == saved
+    classifier_path = tiny_run.RUN_CHECKPOINT_DIR / "classifier.pt"
+    with pytest.raises(RuntimeError, match="stopped before training the synthetic classifier, because GAN_STEPS"):
+        tiny_run.train_classifier(tiny_run.target, 4, 2, 0, classifier_path, batch_size=8)
+    assert not classifier_path.exists()
+
+
+def test_checkpoint_with_other_settings_is_kept_and_rejected(tiny_run, set_setting):
+    tiny_run.train_cyclegan("run", 11, 2)
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+    saved = checkpoint.read_bytes()
+    set_setting(tiny_run, "CYCLE_WEIGHT", 5.0)
     with pytest.raises(ValueError, match="CYCLE_WEIGHT") as error:
         tiny_run.train_cyclegan("run", 11, 2)
     assert "FORCE_RETRAIN" in str(error.value)
@@ -1766,9 +1782,9 @@ def test_out_of_memory_counts_finished_runs(tiny_run, monkeypatch):
     assert "in place of cyclegan_11class.pt in" in str(error.value)
 
 
-def test_oversized_batch_advice_halves_real_batch(tiny_run, monkeypatch):
+def test_oversized_batch_advice_halves_real_batch(tiny_run, monkeypatch, set_setting):
     """With 30 training images per domain, BATCH_SIZE=100 runs batches of 30."""
-    monkeypatch.setattr(tiny_run, "BATCH_SIZE", 100)
+    set_setting(tiny_run, "BATCH_SIZE", 100)
     monkeypatch.setattr(tiny_run, "train_iteration", allocation_failure)
     with pytest.raises(MemoryError) as error:
         tiny_run.train_cyclegan("run", 11, 0)
