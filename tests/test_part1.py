@@ -35,6 +35,14 @@ def part1(repo_root, tmp_path_factory):
         "CHECKPOINT_DIR": str(folder / "checkpoints"), "MIXED_PRECISION": "0"})
 
 
+@pytest.fixture(autouse=True)
+def forget_changed_settings(part1):
+    """Clear the record of settings that a test set again, as a rerun of the definitions cell does, because the
+    tests of this file share one loaded notebook."""
+    yield
+    part1.settings_set_again.clear()
+
+
 def copy_weights_into(cell, reference):
     with torch.no_grad():
         cell.x2h.weight.copy_(reference.weight_ih)
@@ -1158,7 +1166,9 @@ def test_training_stops_on_changed_setting(part1, tmp_path, monkeypatch):
     """HIDDEN_SIZE set again after the settings were read: training stops before it writes a checkpoint."""
     monkeypatch.setattr(part1, "HIDDEN_SIZE", part1.SETTINGS["HIDDEN_SIZE"] + 1)
     checkpoint = tmp_path / "model.pt"
-    with pytest.raises(RuntimeError, match="stopped before training MyLSTM_att, because HIDDEN_SIZE = "):
+    read = part1.SETTINGS["HIDDEN_SIZE"]
+    expected = f"stopped before training MyLSTM_att, because a cell set HIDDEN_SIZE = {read + 1} (read as {read})"
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
         run_training(part1, checkpoint, train_settings(part1))
     assert not checkpoint.exists()
 
@@ -1209,7 +1219,7 @@ def test_learning_rate_follows_cosine_decay(part1, tmp_path, monkeypatch):
     assert part1.learning_rate_at(100, 101, 2.0) == pytest.approx(0.1)
 
 
-def test_recall_follows_fused_setting(part1, monkeypatch):
+def test_recall_follows_fused_setting(part1, monkeypatch, set_setting):
     seen = []
     plain_run = part1.run_cell_over_window
 
@@ -1219,7 +1229,7 @@ def test_recall_follows_fused_setting(part1, monkeypatch):
 
     monkeypatch.setattr(part1, "run_cell_over_window", recording_run)
     for setting in (False, True):
-        monkeypatch.setattr(part1, "FUSED_RECURRENCE", setting)
+        set_setting(part1, "FUSED_RECURRENCE", setting)
         seen.clear()
         part1.train_recall(part1.MODEL_CLASSES["MyLSTM_att"], 2, 0, batch_size=4, embed_size=4, hidden_size=6)
         assert set(seen) == {setting}
