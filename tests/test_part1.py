@@ -1143,6 +1143,20 @@ def test_invalid_cell_value_raises(part1, monkeypatch, name, value):
         part1.resolve_settings(namespace)
 
 
+def test_path_settings_become_text(part1, monkeypatch, tmp_path):
+    """Path("...") in the settings cell: the results file (JSON) and torch.load(weights_only=True) take only text."""
+    for setting in part1.SETTING_NAMES:
+        monkeypatch.delenv(setting, raising=False)
+    folders = {name: tmp_path / name.lower() for name in ("DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR")}
+    namespace = {"SETTING_NAMES": part1.SETTING_NAMES, "PROFILE_SETTINGS": part1.PROFILE_SETTINGS,
+                 **part1.SETTINGS, **folders}
+    settings = part1.resolve_settings(namespace)
+    assert {name: settings[name] for name in folders} == {name: str(path) for name, path in folders.items()}
+    checkpoint = tmp_path / "settings.pt"
+    torch.save({"settings": settings}, checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["settings"] == json.loads(json.dumps(settings))
+
+
 def train_settings(part1, **changes):
     settings = dict(part1.SETTINGS)
     settings.update(TRAIN_STEPS=6, EVAL_EVERY=2, VALID_TOKENS_DURING_TRAINING=None, WINDOW=5, BATCH_SIZE=3,

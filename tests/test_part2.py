@@ -145,6 +145,17 @@ def test_environment_overrides_settings(repo_root):
     assert nb.RUN_NAME == "part2_smoke_synthetic"
 
 
+def test_path_settings_become_text(nb, tmp_path):
+    """Path("...") in the settings cell: the results file (JSON) and torch.load(weights_only=True) take only text."""
+    folders = {name: tmp_path / name.lower() for name in ("DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR")}
+    defaults = {**{name: nb.SETTINGS[name] for name in nb.SETTING_NAMES}, **folders}
+    settings = nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {}, False)
+    assert {name: settings[name] for name in folders} == {name: str(path) for name, path in folders.items()}
+    checkpoint = tmp_path / "settings.pt"
+    torch.save({"settings": settings}, checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["settings"] == json.loads(json.dumps(settings))
+
+
 def test_invalid_setting_raises(nb):
     defaults = {name: nb.SETTINGS[name] for name in nb.SETTING_NAMES}
     defaults["GAN_STEPS"] = None
