@@ -4,12 +4,13 @@ settings as read, is not written, and the error names each setting and the fix."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 
-from tools.nbdefs import load_definitions
+from tools.nbdefs import load_definitions, tagged_cells
 from tools.run_notebooks import NOTEBOOKS, execute_notebook
 
 # A setting of each notebook whose new value changes what a run computes, and that value.
@@ -24,7 +25,14 @@ def nb(request, repo_root, tmp_path, monkeypatch):
     monkeypatch.setattr(definitions, "FIGURE_DIR", tmp_path / "figures")
     monkeypatch.setattr(definitions, "RESULTS_PATH", tmp_path / "results" / "run.json")
     definitions.notebook = request.param
+    monkeypatch.delenv(CHANGES[request.param][0], raising=False)
     return definitions
+
+
+def run_cell(nb, tag):
+    """Run the notebook's first cell tagged `tag` again in the loaded definitions, as a kernel reruns a cell."""
+    source = next(source for cell_tag, source in tagged_cells(Path(nb.__file__)) if cell_tag == tag)
+    exec(compile(source, f"<{tag} cell>", "exec"), nb.__dict__)
 
 
 def save_all_figures(nb):
@@ -49,16 +57,16 @@ def test_unchanged_settings_pass(nb, monkeypatch):
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_changed_setting_message(nb, monkeypatch):
     name, value = CHANGES[nb.notebook]
-    read = nb.SETTINGS[name]
-    monkeypatch.delenv(name, raising=False)
+    started = nb.SETTINGS[name]
     monkeypatch.setattr(nb, name, value)
     with pytest.raises(RuntimeError) as error:
         nb.check_settings_unchanged("writing the results file")
     assert str(error.value) == (
-        f"stopped before writing the results file, because a cell set {name} = {value!r} (read as {read!r}) after "
-        f"the settings were read. The checkpoints and the results file record the settings as read, and cells may "
-        f"have computed with the new value since. Put the values you want in the settings cell and run all cells "
-        f"again; finished checkpoints whose settings match are reused. This call has written nothing.")
+        f"stopped before writing the results file, because {name} = {value!r} (the run started with {started!r}) "
+        f"was set after the run started. The checkpoints and the results file record the settings that the run "
+        f"started with, and cells may have computed with other values since. Put the values you want in the "
+        f"settings cell and run all cells again; finished checkpoints whose settings match are reused. This call "
+        f"has written nothing.")
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
@@ -70,23 +78,79 @@ def test_several_changed_settings_named(nb, monkeypatch):
         nb.check_settings_unchanged("writing the results file")
     message = str(error.value)
     assert nb.changed_settings() == sorted([name, "SEED"], key=list(nb.SETTINGS).index)
-    assert f"{name} = {value!r} (read as {nb.SETTINGS[name]!r})" in message
-    assert f"SEED = 5 (read as {nb.SETTINGS['SEED']!r})" in message
-    assert "cells may have computed with the new values since" in message
+    assert f"{name} = {value!r} (the run started with {nb.SETTINGS[name]!r})" in message
+    assert f"SEED = 5 (the run started with {nb.SETTINGS['SEED']!r})" in message
+    assert "were set after the run started" in message
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_set_back_setting_still_stops(nb, monkeypatch):
-    """A setting set back to the value read still stops the run, because cells may have computed with the other
-    value in between. Its first new value is the one named."""
+    """A setting set back to the value that the run started with still stops the run, because cells may have
+    computed with the other value in between. Its first new value is the one named."""
     name, value = CHANGES[nb.notebook]
-    read = nb.SETTINGS[name]
+    started = nb.SETTINGS[name]
     monkeypatch.setattr(nb, name, value)
     assert nb.changed_settings() == [name]
-    nb.__dict__[name] = read
+    nb.__dict__[name] = started
     with pytest.raises(RuntimeError) as error:
         nb.check_settings_unchanged("writing the results file")
-    assert f"{name} = {value!r} (read as {read!r})" in str(error.value)
+    assert f"{name} = {value!r} (the run started with {started!r})" in str(error.value)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_reread_settings_still_stop(nb):
+    """The first definitions cell run again reads the new value, but the cells after the run started may have
+    computed with the old one, until the setup cell starts a run again."""
+    name, value = CHANGES[nb.notebook]
+    started = nb.SETTINGS[name]
+    nb.__dict__[name] = value
+    run_cell(nb, "definitions")
+    assert nb.SETTINGS[name] == value
+    assert nb.settings_set_again == {name: (started, value)}
+    with pytest.raises(RuntimeError, match=f"because {name} = {value!r} "):
+        nb.check_settings_unchanged("writing the results file")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_set_back_then_reread_stops(nb):
+    """A value set, used and set back before the first definitions cell runs again stays recorded."""
+    name, value = CHANGES[nb.notebook]
+    started = nb.SETTINGS[name]
+    nb.__dict__[name] = value
+    nb.changed_settings()                   # as the hook does after the cell that set it
+    nb.__dict__[name] = started
+    run_cell(nb, "definitions")
+    assert nb.changed_settings() == [name]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_settings_cell_rerun_named(nb, monkeypatch):
+    """The settings cell run again writes its values as written (None, "auto"), and the message names that cause
+    without listing them as values that a cell set, or their environment variables."""
+    monkeypatch.setenv("PROFILE", "smoke")
+    run_cell(nb, "parameters")
+    with pytest.raises(RuntimeError) as error:
+        nb.check_settings_unchanged("writing the results file")
+    message = str(error.value)
+    assert "PROFILE" in nb.changed_settings()
+    assert message.startswith("stopped before writing the results file, because the settings cell ran again, "
+                              "which leaves ")
+    assert "until the cell after it reads them. The checkpoints" in message
+    assert "(the run started with" not in message
+    assert "environment variable" not in message
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_settings_cell_then_definitions_pass(nb, monkeypatch):
+    """The settings cell and the first definitions cell run again, unchanged, as in a second "Run all": the values
+    that the settings cell wrote are read as the run's, so nothing is recorded."""
+    for name, value in {"PROFILE": "smoke", "TARGET_DOMAIN": "synthetic", "DATA_DIR": nb.DATA_DIR,
+                        "REPORT_DIR": nb.REPORT_DIR, "CHECKPOINT_DIR": nb.CHECKPOINT_DIR}.items():
+        monkeypatch.setenv(name, str(value))
+    run_cell(nb, "parameters")
+    assert nb.changed_settings() != []      # as the hook records after the settings cell
+    run_cell(nb, "definitions")
+    assert nb.changed_settings() == []
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
@@ -101,11 +165,36 @@ def test_environment_variable_named(nb, monkeypatch):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_environment_variables_named(nb, monkeypatch):
+    name, value = CHANGES[nb.notebook]
+    for changed, new in ((name, value), ("SEED", 5)):
+        monkeypatch.setenv(changed, str(nb.SETTINGS[changed]))
+        monkeypatch.setattr(nb, changed, new)
+    with pytest.raises(RuntimeError) as error:
+        nb.check_settings_unchanged("writing the results file")
+    names = ", ".join(sorted([name, "SEED"], key=list(nb.SETTINGS).index))
+    assert (f"The environment variables {names} override the settings cell, so change or unset them as well (the "
+            f"runner's option --set sets them).") in str(error.value)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_force_retrain_may_change(nb, monkeypatch):
     """FORCE_RETRAIN and DOWNLOAD choose whether to train and download, not what is computed."""
     monkeypatch.setattr(nb, "FORCE_RETRAIN", not nb.SETTINGS["FORCE_RETRAIN"])
     monkeypatch.setattr(nb, "DOWNLOAD", not nb.SETTINGS["DOWNLOAD"])
     assert nb.changed_settings() == []
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_force_retrain_on_named(nb, monkeypatch):
+    """With FORCE_RETRAIN on, running all cells again trains every model again, and the message warns of it."""
+    name, value = CHANGES[nb.notebook]
+    monkeypatch.setattr(nb, name, value)
+    monkeypatch.setattr(nb, "FORCE_RETRAIN", True)
+    with pytest.raises(RuntimeError) as error:
+        nb.check_settings_unchanged("writing the results file")
+    assert ("run all cells again; with FORCE_RETRAIN = False there, finished checkpoints whose settings match are "
+            "reused, while True trains every model again.") in str(error.value)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
@@ -123,7 +212,7 @@ def test_results_kept_on_changed_setting(nb, monkeypatch):
     nb.RESULTS_PATH.write_text('{"run": "earlier"}')
     pngs = save_all_figures(nb)
     name, value = CHANGES[nb.notebook]
-    read = nb.SETTINGS[name]
+    started = nb.SETTINGS[name]
     monkeypatch.setattr(nb, name, value)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="stopped before writing the results file"):
@@ -131,7 +220,7 @@ def test_results_kept_on_changed_setting(nb, monkeypatch):
         assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
         assert all(png.is_file() for png in pngs)
         assert not list(nb.FIGURE_DIR.glob("*.png"))
-        nb.__dict__[name] = read
+        nb.__dict__[name] = started
 
 
 CHECK_IN_KERNEL = """
@@ -143,26 +232,30 @@ print("CHECK", json.dumps({"changed": changed_settings(), "hooks": len(hooks)}))
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
-def test_kernel_catches_set_back_setting(notebook, repo_root, tmp_path):
-    """In a real kernel, a setting set in one cell and set back in the next is caught by the hook after each cell,
-    and running the first definitions cell again reads the settings afresh with one hook."""
+def test_kernel_records_until_run_starts(notebook, repo_root, tmp_path):
+    """A real kernel with one hook throughout. A setting set in one cell and set back in the next is recorded by
+    the hook. It stays recorded when the first definitions cell runs again, and is cleared when the setup cell
+    starts a run. A second "Run all" of those cells records nothing, and after %reset the hook stays silent."""
     name, value = CHANGES[notebook]
     original = nbformat.read(repo_root / notebook, as_version=4)
-    parameters = next(cell for cell in original.cells if "parameters" in cell.metadata.get("tags", []))
-    definitions = next(cell for cell in original.cells if "definitions" in cell.metadata.get("tags", []))
-    new_cell = nbformat.v4.new_code_cell
+    code = [cell for cell in original.cells if cell.cell_type == "code"]
+    first = next(index for index, cell in enumerate(code) if "definitions" in cell.metadata.get("tags", []))
+    parameters, definitions, setup = (code[0].source, code[first].source, code[first + 1].source)
+    sources = [parameters, definitions, setup, f"{name} = {value!r}", f"{name} = SETTINGS[{name!r}]",
+               CHECK_IN_KERNEL, definitions, CHECK_IN_KERNEL, setup, CHECK_IN_KERNEL,
+               parameters, definitions, setup, CHECK_IN_KERNEL, "%reset -f", "print('after reset')"]
     test_notebook = nbformat.v4.new_notebook(metadata=original.metadata)
-    test_notebook.cells = [new_cell(parameters.source), new_cell(definitions.source), new_cell(f"{name} = {value!r}"),
-                           new_cell(f"{name} = SETTINGS[{name!r}]"), new_cell(CHECK_IN_KERNEL),
-                           new_cell(definitions.source), new_cell(CHECK_IN_KERNEL)]
+    test_notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]
     path = tmp_path / notebook
     nbformat.write(test_notebook, path)
     env = {"PROFILE": "smoke", "TARGET_DOMAIN": "synthetic", "DATA_DIR": str(tmp_path / "data"),
            "REPORT_DIR": str(tmp_path / "report"), "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
     executed = execute_notebook(path, tmp_path / "executed.ipynb", env=env, log=lambda *args, **kwargs: None,
                                 echo_output=False)
-    printed = [output["text"] for cell in executed.cells for output in cell.get("outputs", [])
-               if output.get("name") == "stdout" and output["text"].startswith("CHECK ")]
-    checks = [json.loads(text.removeprefix("CHECK ")) for text in printed]
-    assert checks[0] == {"changed": [name], "hooks": 1}
-    assert checks[1] == {"changed": [], "hooks": 1}
+    outputs = [output for cell in executed.cells for output in cell.get("outputs", [])]
+    checks = [json.loads(output["text"].removeprefix("CHECK ")) for output in outputs
+              if output.get("name") == "stdout" and output["text"].startswith("CHECK ")]
+    assert checks == [{"changed": [name], "hooks": 1}, {"changed": [name], "hooks": 1},
+                      {"changed": [], "hooks": 1}, {"changed": [], "hooks": 1}]
+    assert executed.cells[-1].outputs == [nbformat.v4.new_output("stream", name="stdout", text="after reset\n")]
+    assert not [output for output in outputs if output.get("name") == "stderr"]

@@ -1181,7 +1181,8 @@ def test_training_stops_on_changed_setting(part1, tmp_path, monkeypatch):
     monkeypatch.setattr(part1, "HIDDEN_SIZE", part1.SETTINGS["HIDDEN_SIZE"] + 1)
     checkpoint = tmp_path / "model.pt"
     read = part1.SETTINGS["HIDDEN_SIZE"]
-    expected = f"stopped before training MyLSTM_att, because a cell set HIDDEN_SIZE = {read + 1} (read as {read})"
+    expected = (f"stopped before training MyLSTM_att, because HIDDEN_SIZE = {read + 1} (the run started with {read}) "
+                f"was set after the run started")
     with pytest.raises(RuntimeError, match=re.escape(expected)):
         run_training(part1, checkpoint, train_settings(part1))
     assert not checkpoint.exists()
@@ -2268,6 +2269,18 @@ def test_checkpoint_from_other_valid_file_rejected(repo_root, tmp_path, run_cell
         run_cells_until(repo_root / NOTEBOOK, 'train_named("MyLSTM")', "", settings)
     assert "was trained on other data" in str(error.value)
     assert "'valid_sha256'" in str(error.value)
+
+
+def test_force_retrain_cell_retrains_model(repo_root, tmp_path, run_cells_until):
+    """FORCE_RETRAIN = True in a cell of its own, after the settings were read, trains the model again and keeps
+    the replaced checkpoint, as its error messages advise."""
+    write_tiny_corpus(tmp_path / "data" / "ptb")
+    settings = {"PROFILE": "smoke", "DATA_DIR": str(tmp_path / "data"), "DOWNLOAD": "0", "MIXED_PRECISION": "0"}
+    run_cells_until(repo_root / NOTEBOOK, 'train_named("MyLSTM")', "", settings)
+    checkpoints = tmp_path / "checkpoints" / "part1_smoke"
+    assert not list(checkpoints.glob("MyLSTM.pt.*.old"))
+    run_cells_until(repo_root / NOTEBOOK, 'train_named("MyLSTM")', "FORCE_RETRAIN = True", settings)
+    assert len(list(checkpoints.glob("MyLSTM.pt.*.old"))) == 1
 
 
 def test_data_cell_downloads_in_kernel(repo_root, real_data, tmp_path, serve_folder, run_cells_until):

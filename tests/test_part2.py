@@ -1630,12 +1630,12 @@ def test_training_stops_on_changed_setting(tiny_run, monkeypatch):
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
     saved = checkpoint.read_bytes()
     monkeypatch.setattr(tiny_run, "GAN_STEPS", 6)
-    expected = "stopped before training the run CycleGAN, because a cell set GAN_STEPS = 6 (read as 4)"
+    expected = "stopped before training the run CycleGAN, because GAN_STEPS = 6 (the run started with 4) was set"
     with pytest.raises(RuntimeError, match=re.escape(expected)):
         tiny_run.train_cyclegan("run", 11, 2)
     assert checkpoint.read_bytes() == saved
     classifier_path = tiny_run.RUN_CHECKPOINT_DIR / "classifier.pt"
-    with pytest.raises(RuntimeError, match="stopped before training the synthetic classifier, because a cell set GAN"):
+    with pytest.raises(RuntimeError, match="stopped before training the synthetic classifier, because GAN_STEPS = 6"):
         tiny_run.train_classifier(tiny_run.target, 4, 2, 0, classifier_path, batch_size=8)
     assert not classifier_path.exists()
 
