@@ -4,6 +4,7 @@ settings as read, is not written, and the error names each setting and the fix."
 from __future__ import annotations
 
 import json
+import symtable
 from pathlib import Path
 
 import nbformat
@@ -15,6 +16,8 @@ from tools.run_notebooks import NOTEBOOKS, execute_notebook
 
 # A setting of each notebook whose new value changes what a run computes, and that value.
 CHANGES = {"part1_lstm.ipynb": ("TRAIN_STEPS", 7), "part2_cyclegan.ipynb": ("RUN_ABLATION", False)}
+# A name of each notebook that a cell after the setup cell assigns and later cells read.
+STATE_NAMES = {"part1_lstm.ipynb": "batcher", "part2_cyclegan.ipynb": "mnist"}
 
 
 @pytest.fixture
@@ -124,6 +127,35 @@ def test_set_back_then_reread_stops(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_reread_setting_shows_value_now(nb):
+    """After the first definitions cell read a new value, the message shows that value."""
+    name, value = CHANGES[nb.notebook]
+    started = nb.SETTINGS[name]
+    nb.__dict__[name] = value
+    run_cell(nb, "definitions")
+    with pytest.raises(RuntimeError) as error:
+        nb.check_settings_unchanged("writing the results file")
+    assert f"because {name} = {value!r} (the run started with {started!r}) was set after" in str(error.value)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_deleted_setting_named(nb):
+    name, _ = CHANGES[nb.notebook]
+    del nb.__dict__[name]
+    with pytest.raises(NameError) as error:
+        run_cell(nb, "definitions")
+    assert str(error.value) == (f"setting {name} is not defined, because a cell deleted it: run the settings cell "
+                                f"and then this cell")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_same_folder_as_path_passes(nb, monkeypatch):
+    """DATA_DIR = Path(...) of the folder that the run started with is no change."""
+    monkeypatch.setattr(nb, "DATA_DIR", Path(nb.SETTINGS["DATA_DIR"]))
+    assert nb.changed_settings() == []
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_settings_cell_rerun_named(nb, monkeypatch):
     """The settings cell run again writes its values as written (None, "auto"), and the message names that cause
     without listing them as values that a cell set, or their environment variables."""
@@ -197,6 +229,36 @@ def test_force_retrain_on_named(nb, monkeypatch):
             "reused, while True trains every model again.") in str(error.value)
 
 
+def globals_read(table, top=True):
+    """Return the global names that a cell's symbol table reads, in the cell itself or in functions it defines."""
+    names = {symbol.get_name() for symbol in table.get_symbols()
+             if symbol.is_referenced() and (top or symbol.is_global())}
+    for child in table.get_children():
+        names |= globals_read(child, top=False)
+    return names
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_run_state_names_complete(notebook, repo_root):
+    """RUN_STATE_NAMES contains exactly the names that a cell after the setup cell, outside the definitions cells,
+    assigns and that another cell reads without assigning them."""
+    cells = [cell for cell in nbformat.read(repo_root / notebook, as_version=4).cells if cell.cell_type == "code"]
+    tables = [symtable.symtable(cell.source, f"cell {index}", "exec") for index, cell in enumerate(cells)]
+    assigned = [{symbol.get_name() for symbol in table.get_symbols() if symbol.is_assigned()} for table in tables]
+    read = [globals_read(table) for table in tables]
+    first = next(index for index, cell in enumerate(cells) if "definitions" in cell.metadata.get("tags", []))
+    state = set()
+    for index in range(first + 2, len(cells)):
+        if "definitions" in cells[index].metadata.get("tags", []):
+            continue
+        others = [other for other in range(len(cells)) if other != index]
+        state |= {name for name in assigned[index]
+                  if any(name in read[other] and name not in assigned[other] for other in others)}
+    definitions = load_definitions(repo_root / notebook, env={"PROFILE": "smoke", "TARGET_DOMAIN": "synthetic"})
+    assert set(definitions.RUN_STATE_NAMES) == state
+    assert STATE_NAMES[notebook] in state
+
+
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_array_setting_counts_as_changed(nb, monkeypatch):
     """A value whose comparison has no single truth value is a change, not a crash."""
@@ -235,27 +297,33 @@ print("CHECK", json.dumps({"changed": changed_settings(), "hooks": len(hooks)}))
 def test_kernel_records_until_run_starts(notebook, repo_root, tmp_path):
     """A real kernel with one hook throughout. A setting set in one cell and set back in the next is recorded by
     the hook. It stays recorded when the first definitions cell runs again, and is cleared when the setup cell
-    starts a run. A second "Run all" of those cells records nothing, and after %reset the hook stays silent."""
+    starts a run, which also deletes what cells of the earlier run built. A second "Run all" of those cells records
+    nothing, and after %reset the hook stays silent."""
     name, value = CHANGES[notebook]
     original = nbformat.read(repo_root / notebook, as_version=4)
     code = [cell for cell in original.cells if cell.cell_type == "code"]
     first = next(index for index, cell in enumerate(code) if "definitions" in cell.metadata.get("tags", []))
     parameters, definitions, setup = (code[0].source, code[first].source, code[first + 1].source)
+    state = STATE_NAMES[notebook]
     sources = [parameters, definitions, setup, f"{name} = {value!r}", f"{name} = SETTINGS[{name!r}]",
-               CHECK_IN_KERNEL, definitions, CHECK_IN_KERNEL, setup, CHECK_IN_KERNEL,
-               parameters, definitions, setup, CHECK_IN_KERNEL, "%reset -f", "print('after reset')"]
+               CHECK_IN_KERNEL, definitions, CHECK_IN_KERNEL, f"{state} = 'built with other settings'", setup,
+               CHECK_IN_KERNEL, f"print('STATE', {state!r} in globals())", parameters, definitions, setup,
+               CHECK_IN_KERNEL, "%reset -f", "print('after reset')"]
     test_notebook = nbformat.v4.new_notebook(metadata=original.metadata)
     test_notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]
     path = tmp_path / notebook
     nbformat.write(test_notebook, path)
+
     env = {"PROFILE": "smoke", "TARGET_DOMAIN": "synthetic", "DATA_DIR": str(tmp_path / "data"),
            "REPORT_DIR": str(tmp_path / "report"), "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
     executed = execute_notebook(path, tmp_path / "executed.ipynb", env=env, log=lambda *args, **kwargs: None,
                                 echo_output=False)
+
     outputs = [output for cell in executed.cells for output in cell.get("outputs", [])]
     checks = [json.loads(output["text"].removeprefix("CHECK ")) for output in outputs
               if output.get("name") == "stdout" and output["text"].startswith("CHECK ")]
     assert checks == [{"changed": [name], "hooks": 1}, {"changed": [name], "hooks": 1},
                       {"changed": [], "hooks": 1}, {"changed": [], "hooks": 1}]
+    assert [output["text"] for output in outputs if output.get("text", "").startswith("STATE ")] == ["STATE False\n"]
     assert executed.cells[-1].outputs == [nbformat.v4.new_output("stream", name="stdout", text="after reset\n")]
     assert not [output for output in outputs if output.get("name") == "stderr"]
