@@ -66,7 +66,7 @@ def test_changed_setting_message(nb, monkeypatch):
         nb.check_settings_unchanged("writing the results file")
     assert str(error.value) == (
         f"stopped before writing the results file, because {name} = {value!r} (the run started with {started!r}) "
-        f"was set after the run started. The checkpoints and the results file record the settings that the run "
+        f"changed after the run started. The checkpoints and the results file record the settings that the run "
         f"started with, and cells may have computed with other values since. Put the values you want in the "
         f"settings cell and run all cells again; finished checkpoints whose settings match are reused. This call "
         f"has written nothing.")
@@ -83,7 +83,7 @@ def test_several_changed_settings_named(nb, monkeypatch):
     assert nb.changed_settings() == sorted([name, "SEED"], key=list(nb.SETTINGS).index)
     assert f"{name} = {value!r} (the run started with {nb.SETTINGS[name]!r})" in message
     assert f"SEED = 5 (the run started with {nb.SETTINGS['SEED']!r})" in message
-    assert "were set after the run started" in message
+    assert "changed after the run started" in message
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
@@ -135,7 +135,7 @@ def test_reread_setting_shows_value_now(nb):
     run_cell(nb, "definitions")
     with pytest.raises(RuntimeError) as error:
         nb.check_settings_unchanged("writing the results file")
-    assert f"because {name} = {value!r} (the run started with {started!r}) was set after" in str(error.value)
+    assert f"because {name} = {value!r} (the run started with {started!r}) changed after" in str(error.value)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)

@@ -1182,7 +1182,7 @@ def test_training_stops_on_changed_setting(part1, tmp_path, monkeypatch):
     checkpoint = tmp_path / "model.pt"
     read = part1.SETTINGS["HIDDEN_SIZE"]
     expected = (f"stopped before training MyLSTM_att, because HIDDEN_SIZE = {read + 1} (the run started with {read}) "
-                f"was set after the run started")
+                f"changed after the run started")
     with pytest.raises(RuntimeError, match=re.escape(expected)):
         run_training(part1, checkpoint, train_settings(part1))
     assert not checkpoint.exists()

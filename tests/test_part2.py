@@ -1630,7 +1630,7 @@ def test_training_stops_on_changed_setting(tiny_run, monkeypatch):
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
     saved = checkpoint.read_bytes()
     monkeypatch.setattr(tiny_run, "GAN_STEPS", 6)
-    expected = "stopped before training the run CycleGAN, because GAN_STEPS = 6 (the run started with 4) was set"
+    expected = "stopped before training the run CycleGAN, because GAN_STEPS = 6 (the run started with 4) changed"
     with pytest.raises(RuntimeError, match=re.escape(expected)):
         tiny_run.train_cyclegan("run", 11, 2)
     assert checkpoint.read_bytes() == saved
