@@ -20,6 +20,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from tools.nbdefs import load_definitions  # noqa: E402
 from tools.run_notebooks import execute_notebook  # noqa: E402
 
 # No test may reach a real data server. Every download that a test does not point at its own server on
@@ -61,6 +62,23 @@ def real_data() -> Path:
     if path is None:
         pytest.skip("real data not found: set REAL_DATA_DIR to a folder with ptb/ and mnist/")
     return path
+
+
+@pytest.fixture
+def smoke_definitions(repo_root, tmp_path, monkeypatch):
+    """Return a function that loads a notebook's definitions in the smoke profile with the synthetic target domain,
+    its folders, FIGURE_DIR and RESULTS_PATH below tmp_path, and its file name as `notebook`."""
+    def load(notebook):
+        folders = {name: str(tmp_path / name.split("_")[0].lower())
+                   for name in ("DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR")}
+        definitions = load_definitions(repo_root / notebook, env={**folders, "PROFILE": "smoke",
+                                                                  "TARGET_DOMAIN": "synthetic"})
+        monkeypatch.setattr(definitions, "FIGURE_DIR", tmp_path / "figures")
+        monkeypatch.setattr(definitions, "RESULTS_PATH", tmp_path / "results" / "run.json")
+        definitions.notebook = notebook
+        return definitions
+
+    return load
 
 
 @pytest.fixture

@@ -21,15 +21,9 @@ STATE_NAMES = {"part1_lstm.ipynb": "batcher", "part2_cyclegan.ipynb": "mnist"}
 
 
 @pytest.fixture
-def nb(request, repo_root, tmp_path, monkeypatch):
-    env = {name: str(tmp_path / name.split("_")[0].lower()) for name in ("DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR")}
-    definitions = load_definitions(repo_root / request.param, env={**env, "PROFILE": "smoke",
-                                                                   "TARGET_DOMAIN": "synthetic"})
-    monkeypatch.setattr(definitions, "FIGURE_DIR", tmp_path / "figures")
-    monkeypatch.setattr(definitions, "RESULTS_PATH", tmp_path / "results" / "run.json")
-    definitions.notebook = request.param
+def nb(request, smoke_definitions, monkeypatch):
     monkeypatch.delenv(CHANGES[request.param][0], raising=False)
-    return definitions
+    return smoke_definitions(request.param)
 
 
 def run_cell(nb, tag):

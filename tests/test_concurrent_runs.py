@@ -27,14 +27,9 @@ THREE_DAYS_S = 3 * 24 * 3600
 
 
 @pytest.fixture
-def nb(request, repo_root, tmp_path, monkeypatch):
-    env = {name: str(tmp_path / name.split("_")[0].lower()) for name in ("DATA_DIR", "REPORT_DIR", "CHECKPOINT_DIR")}
-    definitions = load_definitions(repo_root / request.param, env={**env, "PROFILE": "smoke",
-                                                                   "TARGET_DOMAIN": "synthetic"})
-    monkeypatch.setattr(definitions, "FIGURE_DIR", tmp_path / "figures")
-    monkeypatch.setattr(definitions, "RESULTS_PATH", tmp_path / "results" / "run.json")
+def nb(request, smoke_definitions, tmp_path):
+    definitions = smoke_definitions(request.param)
     (tmp_path / "figures").mkdir()
-    definitions.notebook = request.param
     return definitions
 
 
