@@ -1,5 +1,5 @@
-"""A setting set again after the settings were read, in both notebooks: the results file, which records the
-settings as read, is not written, and the error names each setting and the fix."""
+"""Settings changed after a run started, in both notebooks: training and the writing of the results file, which
+record the settings that the run started with, stop with an error that names each setting and the fix."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_set_back_setting_still_stops(nb, monkeypatch):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
-def test_reread_settings_still_stop(nb):
+def test_reread_setting_still_stops(nb):
     """The first definitions cell run again reads the new value, but the cells after the run started may have
     computed with the old one, until the setup cell starts a run again."""
     name, value = CHANGES[nb.notebook]
@@ -251,6 +251,17 @@ def test_run_state_names_complete(notebook, repo_root):
     definitions = load_definitions(repo_root / notebook, env={"PROFILE": "smoke", "TARGET_DOMAIN": "synthetic"})
     assert set(definitions.RUN_STATE_NAMES) == state
     assert STATE_NAMES[notebook] in state
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_deleted_force_retrain_message(nb, monkeypatch):
+    """FORCE_RETRAIN, exempt from the record, deleted by a cell: the error about another setting still forms."""
+    name, value = CHANGES[nb.notebook]
+    monkeypatch.setattr(nb, name, value)
+    monkeypatch.delattr(nb, "FORCE_RETRAIN")
+    with pytest.raises(RuntimeError) as error:
+        nb.check_settings_unchanged("writing the results file")
+    assert "finished checkpoints whose settings match are reused." in str(error.value)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
