@@ -705,6 +705,13 @@ def test_perplexity_weights_tokens_not_batches(part1):
     assert abs(np.mean(batch_means) - token_mean) > 1e-4, "the test data must tell the two averages apart"
 
 
+def test_perplexity_exact_below_overflow(part1):
+    assert part1.perplexity_of(100.0) == math.exp(100.0)
+    assert part1.perplexity_of(700.0) == math.exp(700.0)
+    assert part1.perplexity_of(709.5) == math.exp(709.5)
+    assert part1.perplexity_of(710.0) == math.inf
+
+
 def test_evaluate_restores_training_mode(part1):
     model = tiny_model(part1, "MyLSTM_att", vocab_size=20, dropout=0.5).float()
     model.train()
