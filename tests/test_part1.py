@@ -129,6 +129,15 @@ def test_reset_parameters_uniform_bound(part1):
     assert cell.h2h.weight.shape == (100, 25)
 
 
+def test_reset_bound_uses_hidden_size(part1):
+    torch.manual_seed(0)
+    cell = part1.MyLSTMCell(400, 4)                 # a bound from the input size, 1 / sqrt(400), is a tenth as wide
+    bound = 1 / math.sqrt(4)
+    largest = cell.x2h.weight.abs().max().item()
+    assert largest <= bound
+    assert largest > 0.9 * bound
+
+
 @pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att"])
 def test_fused_path_matches_plain_loop(part1, name):
     fused = tiny_model(part1, name, fused=True)
@@ -654,6 +663,21 @@ def test_every_prefix_equals_forward(part1, name):
                                    msg=f"{name}: prefix of length {t + 1}")
 
 
+def test_training_dropout_masks_hidden_states(part1):
+    model = tiny_model(part1, "MyLSTM", dropout=0.5).train()
+    x = torch.randint(13, (3, 6))
+    hs = model.hidden_states(x)
+    torch.manual_seed(4)
+    all_logits = model.forward_all(x)
+    last_logits = model(x)
+    torch.manual_seed(4)
+    expected_all = model.out(nn.functional.dropout(hs, 0.5, training=True))
+    expected_last = model.out(nn.functional.dropout(hs[:, -1], 0.5, training=True))
+    torch.testing.assert_close(all_logits, expected_all, rtol=0, atol=1e-12)
+    torch.testing.assert_close(last_logits, expected_last, rtol=0, atol=1e-12)
+    assert not torch.allclose(all_logits, model.out(hs)), "the dropout masks must change the logits"
+
+
 def test_attention_matrix_rows_equal_forward_weights(part1):
     model = tiny_model(part1, "MyLSTM_att").eval()
     x = torch.randint(13, (2, 7))
@@ -686,6 +710,26 @@ def test_evaluation_windows_cover_each_token_once(part1):
     assert torch.equal(targets, ids[1:])
     for inputs, batch_targets in part1.evaluation_windows(ids, window=10, batch_size=4):
         assert torch.equal(batch_targets, inputs + 1), "each target is the next id of the stream"
+
+
+def test_evaluation_windows_any_length(part1):
+    ids = torch.arange(30)
+    for length in range(2, 30):
+        batches = part1.evaluation_windows(ids[:length], window=5, batch_size=2)
+        targets = torch.cat([batch_targets.flatten() for _, batch_targets in batches])
+        assert torch.equal(targets, ids[1:length]), f"{length} ids"
+    for max_tokens in range(1, 29):
+        batches = part1.evaluation_windows(ids, window=5, batch_size=2, max_tokens=max_tokens)
+        targets = torch.cat([batch_targets.flatten() for _, batch_targets in batches])
+        assert torch.equal(targets, ids[1:max_tokens + 1]), f"max_tokens={max_tokens}"
+
+
+def test_evaluate_scores_max_tokens(part1):
+    model = tiny_model(part1, "MyLSTM", vocab_size=20).float()
+    ids = torch.randint(20, (60,), generator=torch.Generator().manual_seed(2))
+    limited = part1.evaluate(model, ids, window=5, batch_size=2, max_tokens=21)
+    assert limited["tokens"] == 21
+    assert limited == part1.evaluate(model, ids[:22], window=5, batch_size=2)
 
 
 def test_perplexity_weights_tokens_not_batches(part1):
@@ -758,6 +802,31 @@ def test_generate_samples_in_eval_mode(part1):
         torch.manual_seed(seed)                  # in train mode, the dropout masks would differ
         assert part1.generate(model, vocab, "w1 w2", 20, 5, seed=4) == expected
     assert model.training
+
+
+def test_generate_samples_tempered_distribution(part1):
+    vocab = part1.Vocabulary(["a", "b"])                                 # ids 0, 1 and 2 for <unk>
+    model = tiny_model(part1, "MyLSTM", vocab_size=len(vocab)).float()
+    with torch.no_grad():
+        model.out.weight.zero_()                                         # so the logits equal the bias
+        model.out.bias.copy_(torch.tensor([0.0, math.log(2.0), -30.0]))
+    words = part1.generate(model, vocab, "a", 1000, 4, temperature=0.5, seed=0).split()[1:]
+    # softmax([0, ln 2] / 0.5) gives "b" 4/5. Temperature 1 would give 2/3, and multiplying by 0.5 would give 0.59.
+    assert words.count("b") / len(words) == pytest.approx(0.8, abs=0.04)
+    assert words.count("a") / len(words) == pytest.approx(0.2, abs=0.04)
+
+
+def test_generate_feeds_last_window(part1):
+    words = [f"w{index}" for index in range(30)]
+    vocab = part1.Vocabulary(words)
+    model = tiny_model(part1, "MyLSTM", vocab_size=len(vocab)).float()
+    contexts = []
+    model.register_forward_pre_hook(lambda module, args: contexts.append(args[0][0].tolist()))
+    text = part1.generate(model, vocab, "w1 w2 w3", 8, 4, seed=1)
+    ids = vocab.encode(text.split()).tolist()
+    assert len(contexts) == 8
+    for step, context in enumerate(contexts):
+        assert context == ids[:3 + step][-4:], f"word {step}"
 
 
 # ---------------------------------------------------------------- data
@@ -1265,6 +1334,46 @@ def test_resumed_training_equals_uninterrupted(part1, tmp_path):
     assert [row["valid_perplexity"] for row in resumed_history] == [row["valid_perplexity"] for row in straight_history]
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+class RecordingFunctional:
+    """torch.nn.functional, with cross_entropy recording the loss and targets of each training call.
+
+    Training calls pass no options, and evaluation passes reduction="sum", so only calls without options are recorded.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(nn.functional, name)
+
+    def cross_entropy(self, logits, targets, **options):
+        loss = nn.functional.cross_entropy(logits, targets, **options)
+        if not options:
+            self.calls.append({"loss": loss.item(), "targets": targets.clone()})
+        return loss
+
+
+def test_training_loss_weights_every_token(part1, tmp_path, monkeypatch):
+    recorder = RecordingFunctional()
+    monkeypatch.setattr(part1, "nnf", recorder)
+    settings = train_settings(part1, TRAIN_STEPS=21, EVAL_EVERY=7)
+    _, history = run_training(part1, tmp_path / "loss.pt", settings)
+    # The batcher that run_training builds: 300 ids make 58 windows of 5, so step 20 of 21 has a batch of one window.
+    train_ids = torch.randint(17, (300,), generator=torch.Generator().manual_seed(5))
+    batcher = part1.WindowBatcher(train_ids, 5, 3, settings["SEED"])
+    counts = [call["targets"].numel() for call in recorder.calls]
+    assert counts == [batcher.batch(step)[1].numel() for step in range(21)]
+    assert counts[19] == 5, "the last interval must hold a partial batch"
+    for interval, row in enumerate(history):
+        calls = recorder.calls[7 * interval:7 * (interval + 1)]
+        token_sum = sum(call["loss"] * call["targets"].numel() for call in calls)
+        tokens = sum(call["targets"].numel() for call in calls)
+        assert row["train_loss"] == pytest.approx(token_sum / tokens, rel=1e-12), f"interval {interval}"
+    last = recorder.calls[14:21]
+    step_mean = sum(call["loss"] for call in last) / 7
+    assert abs(step_mean - history[2]["train_loss"]) > 1e-4, "the data must tell the two averages apart"
 
 
 def save_onto_full_disk(real_save):
@@ -1984,6 +2093,34 @@ def test_recall_task_target_is_value_after_key(part1):
     many, _ = part1.recall_batch(2000, torch.Generator().manual_seed(1))
     many_distances = (part1.RECALL_LENGTH - 2) - (many == part1.RECALL_KEY).int().argmax(dim=1)
     assert set(many_distances.tolist()) == set(range(part1.RECALL_DISTANCES[0], part1.RECALL_DISTANCES[1] + 1))
+
+
+def value_after_key(part1, windows):
+    """Return the value that follows KEY in each recall window."""
+    key_positions = (windows == part1.RECALL_KEY).int().argmax(dim=1)
+    return windows[torch.arange(len(windows)), key_positions + 1]
+
+
+def test_recall_training_targets_and_accuracy(part1, monkeypatch):
+    recorder = RecordingFunctional()
+    monkeypatch.setattr(part1, "nnf", recorder)
+    inputs_seen = []
+
+    class OracleAtEvaluation(part1.MyLSTM):
+        """MyLSTM while training. In eval mode it predicts the value after KEY, so its accuracy must be 1."""
+
+        def forward(self, x):
+            inputs_seen.append(x.clone())
+            logits = super().forward(x)
+            if self.training:
+                return logits
+            return nn.functional.one_hot(value_after_key(part1, x), logits.shape[1]).to(logits.dtype)
+
+    _, curve = part1.train_recall(OracleAtEvaluation, 3, 0, batch_size=4, embed_size=4, hidden_size=6)
+    assert len(recorder.calls) == 3
+    for step, (inputs, call) in enumerate(zip(inputs_seen, recorder.calls), start=1):
+        assert torch.equal(call["targets"], value_after_key(part1, inputs)), f"step {step}"
+    assert curve == [{"step": 3, "accuracy": 1.0}]
 
 
 # ---------------------------------------------------------------- end to end
