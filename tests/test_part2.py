@@ -1622,6 +1622,23 @@ def test_fingerprint_covers_every_tensor(nb):
     assert nb.tensor_fingerprint(first, torch.zeros(3)) != nb.tensor_fingerprint(first, torch.ones(3))
 
 
+def test_fingerprint_covers_shape_and_dtype(nb):
+    """The same bytes split, shaped or typed differently give different fingerprints."""
+    values = torch.arange(6)
+    assert nb.tensor_fingerprint(values[:2], values[2:]) != nb.tensor_fingerprint(values[:4], values[4:])
+    assert nb.tensor_fingerprint(values) != nb.tensor_fingerprint(values.view(2, 3))
+    assert nb.tensor_fingerprint(values) != nb.tensor_fingerprint(values.view(torch.float64))
+
+
+def test_pretraining_rejects_two_class_discriminators(nb):
+    gan = nb.build_cyclegan(4, 4, num_classes=2)
+    (m_data, m_label), (s_data, s_label) = batches()
+    streams = (iter([(m_data, m_label)]), iter([(s_data, s_label)]))
+    before = parameters_of(gan.Dx)
+    with pytest.raises(ValueError, match="pretrain_steps=0"):
+        nb.pretrain_discriminators(gan, *streams, steps=1)
+    assert not changed(gan.Dx, before)
+
 
 # Training loop: determinism, checkpoints, NaN
 
