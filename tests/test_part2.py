@@ -2218,6 +2218,7 @@ def test_learning_rate_decays_linearly(nb, monkeypatch):
     assert nb.learning_rate_at(49) == pytest.approx(1e-3)
     assert nb.learning_rate_at(75) == pytest.approx(0.5e-3)
     assert nb.learning_rate_at(99) == pytest.approx(0.02e-3)
+    assert nb.learning_rate_at(150) == 0.0           # past the last step the rate stays at 0
     monkeypatch.setattr(nb, "LR_DECAY_START", 1.0)
     assert nb.learning_rate_at(99) == pytest.approx(1e-3)
 
