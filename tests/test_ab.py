@@ -51,3 +51,10 @@ def test_invalid_counts_rejected(capsys):
 def test_unknown_setting_rejected():
     with pytest.raises(ValueError, match="unknown part 1 setting 'NOT_A_SETTING'"):
         next(ab.setting_comparisons("NOT_A_SETTING", blocks=1, steps=1, warmup=0))
+
+
+def test_summarise_takes_median_not_mean():
+    rows = ab.summarise("SETTING", "case", {"on": [0.1, 0.2, 0.9], "off": [0.1, 0.1, 0.4]})
+    assert rows[0]["median_ms"] == pytest.approx(200.0)      # the mean is 400
+    assert rows[1]["median_ms"] == pytest.approx(100.0)
+    assert rows[1]["ratio_to_first"] == pytest.approx(0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -44,6 +45,21 @@ def test_case_counts_all_matmul_flops(small_sizes, case):
     assert 0.9 * expected <= result["flops"] <= expected, (result["flops"], expected)
     assert len(result["times_s"]) == 2
     assert all(seconds > 0 for seconds in result["times_s"])
+
+
+def test_case_count_is_the_plain_loops(small_sizes):
+    """The plain loop multiplies h_0 = 0 by W_hh but needs no gradient for h_0, so that backward product is missing."""
+    result = benchmark.run_case("lstm:MyLSTM:fused:cpu:training", repeats=1, warmup=0)
+    skipped = 2 * SMALL["batch"] * SMALL["hidden"] * 4 * SMALL["hidden"]
+    assert result["flops"] == expected_training_flops(SMALL, VOCAB) - skipped
+
+
+def test_modes_share_the_loop_count(small_sizes):
+    """FLOPs of every mode, and of TorchLSTM, are counted on MyLSTM run as the plain loop."""
+    loop = benchmark.run_case("lstm:MyLSTM:loop:cpu:training", repeats=1, warmup=0)["flops"]
+    cases = ("lstm:MyLSTM:fused:cpu:training", "lstm:MyLSTM:naive:cpu:training", "lstm:TorchLSTM:fused:cpu:training")
+    for case in cases:
+        assert benchmark.run_case(case, repeats=1, warmup=0)["flops"] == loop, case
 
 
 def default_settings():
@@ -98,12 +114,132 @@ def test_rounds_pool_times_and_keep_peak_memory():
     assert pooled["data_share"] == 0.01
 
 
+def test_rounds_keep_later_larger_peak():
+    first = {"times_s": [1.0], "peak_memory_mib": 800.0, "flops": 10}
+    second = {"times_s": [1.0], "peak_memory_mib": 900.0, "flops": 10}
+    pooled = benchmark.merge_rounds(benchmark.merge_rounds(None, first), second)
+    assert pooled["peak_memory_mib"] == 900.0
+
+
+def test_case_peak_memory_in_mib(small_sizes):
+    """ru_maxrss is in KiB. With PyTorch loaded the process uses hundreds of MiB, but less than the machine has."""
+    result = benchmark.run_case("lstm:MyLSTM:fused:cpu:forward", repeats=1, warmup=0)
+    machine_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    assert result["peak_memory_mib"] > 100
+    assert result["peak_memory_mib"] < machine_mib
+
+
+def recording_timed(monkeypatch):
+    """Let benchmark.timed run as it is, and record the seconds of every call it returns."""
+    recorded = []
+    real_timed = benchmark.timed
+
+    def timed(*args):
+        times = real_timed(*args)
+        recorded.append(times)
+        return times
+
+    monkeypatch.setattr(benchmark, "timed", timed)
+    return recorded
+
+
+def test_matmul_rate_from_best_call(monkeypatch):
+    """A multiply of two n x n matrices is 2 n^3 FLOPs, over the fastest of the timed calls."""
+    recorded = recording_timed(monkeypatch)
+    rates = benchmark.matmul_rate(torch.device("cpu"), size=64, repeats=5)
+    assert len(recorded) == len(rates)
+    for (name, rate), times in zip(rates.items(), recorded):
+        assert len(times) == 5, name
+        assert rate == pytest.approx(2 * 64 ** 3 / min(times)), name
+
+
+def test_bfloat16_rate_from_best_call(monkeypatch):
+    recorded = recording_timed(monkeypatch)
+    monkeypatch.setattr(benchmark, "cpu_has_bfloat16", lambda: True)
+    rate = benchmark.bfloat16_matmul_rate(torch.device("cpu"), size=64, repeats=5)
+    assert len(recorded) == 1
+    assert rate == pytest.approx(2 * 64 ** 3 / min(recorded[0]))
+
+
+def test_main_summarises_pooled_rounds(tmp_path, monkeypatch, capsys):
+    """Two rounds of known step times: pooled median and range, FLOP rates and the share of the larger matmul rate."""
+    rounds = [{"times_s": [0.1, 0.2, 0.9], "peak_memory_mib": 800.0, "data_share": 0.04, "data_ms": 3.0},
+              {"times_s": [0.3, 0.4, 0.5], "peak_memory_mib": 900.0, "data_share": 0.05, "data_ms": 4.0}]
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command[command.index("--case") + 1])
+        result = {"flops": 2e9, **rounds[(len(calls) - 1) // 2]}     # two cases per round
+        return subprocess.CompletedProcess(command, 0, json.dumps(result) + "\n", "")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    monkeypatch.setattr(benchmark, "matmul_rate", lambda device: {"torch.mm": 1e11, "oneDNN linear": 4e11})
+    monkeypatch.setattr(benchmark, "bfloat16_matmul_rate", lambda device: None)
+    monkeypatch.setattr(benchmark, "describe_machine",
+                        lambda: {"cpu": "test", "torch_cpu_capability": "none", "cpu_cores": 2, "gpu": None})
+    output = tmp_path / "results.json"
+    assert benchmark.main(["--only", "cyclegan", "--rounds", "2", "--repeats", "3", "--output", str(output)]) == 0
+    row = json.loads(output.read_text())["rows"][0]
+    assert row["case"] == "cyclegan:cpu"
+    assert row["median_ms"] == pytest.approx(350.0)          # of the six pooled steps, whose mean is 400
+    assert row["min_ms"] == pytest.approx(100.0)
+    assert row["max_ms"] == pytest.approx(900.0)
+    assert row["round_medians_ms"] == pytest.approx([200.0, 400.0])
+    assert row["gflop_per_step"] == pytest.approx(2.0)
+    assert row["gflop_per_s"] == pytest.approx(2.0 / 0.35)
+    assert row["share_of_matmul_rate"] == pytest.approx(2e9 / 0.35 / 4e11)
+    assert row["peak_memory_mib"] == 900.0
+    assert row["data_share"] == 0.05                          # the last round's
+    assert "| cyclegan:cpu | 350.0 | 100.0-900.0 |  | 2.00 | 5.7 | 1.4% | 900 | 5.0% |" in capsys.readouterr().out
+
+
+def test_older_table_uses_loop_flops(tmp_path, capsys):
+    """A file without flops_counted_on: TorchLSTM gets MyLSTM's loop count, over its median, of the larger rate."""
+    def row(case, gflop, median_ms):
+        return {"case": case, "median_ms": median_ms, "min_ms": 0.8 * median_ms, "max_ms": 1.2 * median_ms,
+                "gflop_per_step": gflop, "gflop_per_s": gflop / (median_ms / 1000),
+                "share_of_matmul_rate": 0.0, "peak_memory_mib": 700.0}
+
+    rows = [row("lstm:TorchLSTM:fused:cpu:training", 1.0, 500.0), row("lstm:MyLSTM:loop:cpu:training", 3.0, 1000.0)]
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps({"rows": rows, "matmul_rate_flop_s": {"torch.mm": 1e10, "oneDNN linear": 2e10}}))
+    assert benchmark.main(["--table", str(path)]) == 0
+    printed = capsys.readouterr().out
+    # 3 GFLOP over 0.5 s is 6 GFLOP/s, 30% of 20 GFLOP/s.
+    assert "| lstm:TorchLSTM:fused:cpu:training | 500.0 | 400.0-600.0 | 1.00 | 3.00 | 6.0 | 30.0% | 700 |  |" in printed
+
+
 def test_ratio_compares_cases_within_each_round():
     """A slow round for both cases leaves the ratio alone, while pooled medians would not."""
     reference = {"case": "lstm:TorchLSTM:fused:cpu:forward", "median_ms": 20.0, "round_medians_ms": [10.0, 20.0, 40.0]}
     mine = {"case": "lstm:MyLSTM:fused:cpu:forward", "median_ms": 44.0, "round_medians_ms": [11.0, 44.0, 44.0]}
     assert benchmark.ratio_to_reference(mine, reference) == pytest.approx(1.1)     # ratios 1.1, 2.2, 1.1
     assert benchmark.ratio_to_reference(dict(mine, round_medians_ms=None), reference) == pytest.approx(2.2)
+
+
+def test_ratio_pairs_rounds_in_order():
+    """Each round's ratio uses the reference's median of that round, not of another round."""
+    reference = {"median_ms": 20.0, "round_medians_ms": [10.0, 20.0, 40.0]}
+    mine = {"median_ms": 30.0, "round_medians_ms": [11.0, 30.0, 48.0]}
+    assert benchmark.ratio_to_reference(mine, reference) == pytest.approx(1.2)     # ratios 1.1, 1.5, 1.2
+
+
+def summary_row(case, round_medians_s):
+    """Summarise a case whose rounds timed one step each, at the given seconds."""
+    pooled = None
+    for seconds in round_medians_s:
+        pooled = benchmark.merge_rounds(pooled, {"times_s": [seconds], "flops": 1e9, "peak_memory_mib": 100.0})
+    return benchmark.summarise(case, pooled, 1e10)
+
+
+def test_table_ratio_matches_size_and_path():
+    """The forward path's ratio is against TorchLSTM's forward row, not its training row."""
+    rows = [summary_row("lstm:TorchLSTM:fused:cpu:forward", [0.010, 0.020]),
+            summary_row("lstm:TorchLSTM:fused:cpu:training", [0.100, 0.200]),
+            summary_row("lstm:MyLSTM:fused:cpu:forward", [0.030, 0.060])]
+    lines = benchmark.markdown_table(rows).splitlines()
+    forward = next(line for line in lines if line.startswith("| lstm:MyLSTM:fused:cpu:forward |"))
+    assert forward.split(" | ")[3] == "3.00"
 
 
 @pytest.mark.parametrize("case, message", [

@@ -2246,6 +2246,38 @@ def test_benchmark_iteration_reports_time_and_flops(nb):
     assert result["data_ms"] > 0
 
 
+class FakeClock:
+    """The time module with perf_counter advancing 2 ms per call, so that every fetch takes 2 ms."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def perf_counter(self):
+        self.calls += 1
+        return 0.002 * self.calls
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_benchmark_data_share_counts_timed_fetches(nb, monkeypatch):
+    """Only the timed iterations' fetches count, not the warm-up's nor the FLOP count's, over the timed seconds."""
+    monkeypatch.setattr(nb, "time", FakeClock())
+
+    def count_flops(step):
+        step()
+        return 123.0
+
+    def timed(step, repeats, warmup, synchronize):
+        for _ in range(warmup + repeats):
+            step()
+        return [0.5] * repeats
+
+    result = nb.benchmark_iteration(repeats=2, warmup=1, count_flops=count_flops, timed=timed)
+    assert result["data_ms"] == pytest.approx(2.0)
+    assert result["data_share"] == pytest.approx(2 * 0.002 / (2 * 0.5))
+
+
 # Real data
 
 

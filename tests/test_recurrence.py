@@ -120,3 +120,25 @@ def test_compiled_recurrence_mismatch_rejected(part1, monkeypatch, distort, part
     inputs = torch.randn(2, 3, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match=f"differs from LSTMRecurrence in its {part}"):
         recurrence.compiled_variant(part1, cell, inputs, torch.randn(2, 3, 4))
+
+
+def test_measure_times_rounds_after_warmup():
+    calls = []
+    times = recurrence.measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert {name: len(samples) for name, samples in times.items()} == {"a": 3, "b": 3}
+
+
+def test_breakdown_rows_summarise_samples(tmp_path, monkeypatch, capsys):
+    """Known samples for every variant: each row gives their median and range, and the table gives the time per step."""
+    monkeypatch.setattr(recurrence, "measure",
+                        lambda variants, rounds, warmup: {name: [0.0035, 0.007, 0.035] for name in variants})
+    output = tmp_path / "recurrence.json"
+    assert recurrence.main(["--hidden", "8", "--output", str(output)]) == 0
+    rows = {row["variant"]: row for row in json.loads(output.read_text())["rows"]}
+    row = rows["torch.nn.LSTM forward+backward"]
+    assert row["median_ms"] == pytest.approx(7.0)             # the mean is 15.2
+    assert row["min_ms"] == pytest.approx(3.5)
+    assert row["max_ms"] == pytest.approx(35.0)
+    # 7 ms over 35 time steps is 200 µs per step.
+    assert "| 8 | torch.nn.LSTM forward+backward | 7.00 | 3.50-35.00 | 200 |" in capsys.readouterr().out
