@@ -362,10 +362,11 @@ def ratio_to_reference(row, reference):
 def attribute_reference_flops(rows, machine_rate):
     """Give every language-model row the FLOPs counted for the `loop` mode of the same math.
 
-    All modes of a model do the same arithmetic, but FlopCounterMode misses some of it: it does
-    not count inside PyTorch's fused LSTM kernel (TorchLSTM) nor in-place addmm_ (the fused
-    recurrence's forward). The `loop` mode runs every matmul as a plain op, so its count is used
-    for all modes of the model, and MyLSTM's for TorchLSTM.
+    All modes of a model do the same arithmetic, but FlopCounterMode does not count inside
+    PyTorch's fused LSTM kernel (TorchLSTM) nor oneDNN's operators, and the modes' counts differ a
+    little: the fused recurrence's backward also computes the gradient of the initial hidden state,
+    a zero tensor that the loop's autograd needs no gradient for. The `loop` mode runs every matmul
+    as a plain op, so its count is used for all modes of the model, and MyLSTM's for TorchLSTM.
     """
     counted = {}
     for row in rows:
