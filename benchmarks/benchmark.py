@@ -350,12 +350,14 @@ def ratio_to_reference(row, reference):
 
     A case and its reference run a few seconds to two minutes apart in a round, closer than the
     rounds are to each other, so most of the drift of the machine's speed between rounds cancels.
-    Results files without per-round medians (written before they were kept) fall back to the ratio
-    of the pooled medians.
+    Where a failed case stopped the run, the cases before it in that round have one round more than
+    the cases after it. Every round runs the cases in the same order, so the rounds that both
+    finished are the first ones, and only those are paired. Results files without per-round medians
+    (written before they were kept) fall back to the ratio of the pooled medians.
     """
     mine, theirs = row.get("round_medians_ms"), reference.get("round_medians_ms")
-    if mine and theirs and len(mine) == len(theirs):
-        return statistics.median(a / b for a, b in zip(mine, theirs))
+    if mine and theirs:
+        return statistics.median(a / b for a, b in zip(mine, theirs))     # zip stops at the shorter
     return row["median_ms"] / reference["median_ms"]
 
 

@@ -224,6 +224,13 @@ def test_ratio_pairs_rounds_in_order():
     assert benchmark.ratio_to_reference(mine, reference) == pytest.approx(1.2)     # ratios 1.1, 1.5, 1.2
 
 
+def test_ratio_pairs_rounds_both_finished():
+    """After a failure in round 3, a case that finished it is paired with its reference over rounds 1 and 2."""
+    reference = {"median_ms": 15.0, "round_medians_ms": [10.0, 20.0]}
+    mine = {"median_ms": 30.0, "round_medians_ms": [13.0, 22.0, 90.0]}
+    assert benchmark.ratio_to_reference(mine, reference) == pytest.approx(1.2)     # ratios 1.3 and 1.1
+
+
 def summary_row(case, round_medians_s):
     """Summarise a case whose rounds timed one step each, at the given seconds."""
     pooled = None
