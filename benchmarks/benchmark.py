@@ -357,7 +357,7 @@ def ratio_to_reference(row, reference):
     """
     mine, theirs = row.get("round_medians_ms"), reference.get("round_medians_ms")
     if mine and theirs:
-        return statistics.median(a / b for a, b in zip(mine, theirs))     # zip stops at the shorter
+        return statistics.median(a / b for a, b in zip(mine, theirs))     # zip stops at the end of the shorter list
     return row["median_ms"] / reference["median_ms"]
 
 

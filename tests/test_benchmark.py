@@ -130,7 +130,7 @@ def test_case_peak_memory_in_mib(small_sizes):
 
 
 def recording_timed(monkeypatch):
-    """Let benchmark.timed run as it is, and record the seconds of every call it returns."""
+    """Wrap benchmark.timed so that it records the seconds of every call, and return that record."""
     recorded = []
     real_timed = benchmark.timed
 

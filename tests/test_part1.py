@@ -1337,7 +1337,7 @@ def test_resumed_training_equals_uninterrupted(part1, tmp_path):
 
 
 class RecordingFunctional:
-    """torch.nn.functional, with cross_entropy recording the loss and targets of each training call.
+    """A stand-in for torch.nn.functional whose cross_entropy records the loss and targets of each training call.
 
     Training calls pass no options, and evaluation passes reduction="sum", so only calls without options are recorded.
     """

@@ -1452,7 +1452,7 @@ def test_synthetic_digits_match_their_labels(nb):
 
     The templates are every font's upright digits at the middle height, centred, and the match is the
     best normalised correlation over shifts of up to 3 pixels. In this computation 88% of these 100 crops match
-    their label. With random labels about 10% match, and with crops transposed by a wrong axis order 22%.
+    their label. With random labels 8% match, and with crops transposed by a wrong axis order 22%.
     """
     images, labels = nb.make_synthetic_digits(100, seed=3)
     gray = images.float().mean(1)
