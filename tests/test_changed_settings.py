@@ -121,6 +121,19 @@ def test_set_back_then_reread_stops(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_recorded_then_reread_setting_stops(nb):
+    """A value set in a cell, recorded by the hook after it and then read by the first definitions cell still stops."""
+    name, value = CHANGES[nb.notebook]
+    started = nb.SETTINGS[name]
+    nb.__dict__[name] = value
+    nb.changed_settings()                   # as the hook does after the cell that set it
+    run_cell(nb, "definitions")
+    assert nb.settings_set_again == {name: (started, value)}
+    with pytest.raises(RuntimeError, match=f"because {name} = {value!r} "):
+        nb.check_settings_unchanged("writing the results file")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_reread_setting_shows_value_now(nb):
     """After the first definitions cell read a new value, the message shows that value."""
     name, value = CHANGES[nb.notebook]

@@ -321,6 +321,23 @@ def test_other_runs_probe_kept(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_unwritable_output_folder_named(nb, monkeypatch):
+    """An output folder where no file can be created stops the run at its start, naming the folder and setting."""
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir) == nb.FIGURE_DIR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(OSError) as error:
+        nb.check_output_folders({nb.FIGURE_DIR: "REPORT_DIR"})
+    assert str(error.value) == (f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); set "
+                                f"REPORT_DIR to a folder that can be written")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_unknown_figure_name_rejected(nb):
     """Only names in FIGURE_NAMES, whose files publish_figures may delete, can be saved."""
     fig, _ = nb.plt.subplots()
@@ -347,3 +364,17 @@ def test_may_replace_reads_sticky_bit(nb, monkeypatch, tmp_path):
         os.chown(path, 12345, -1)
         monkeypatch.setattr(os, "geteuid", lambda: 12345)
         assert nb.may_replace(path), "the file's owner may"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a folder away needs root")
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_sticky_folder_owner_may_replace(nb, monkeypatch, tmp_path):
+    """In a folder with the sticky bit, the folder's owner may replace a file that another user owns."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = folder / "figure.png"
+    path.write_bytes(b"")
+    folder.chmod(0o1777)
+    os.chown(folder, 12345, -1)
+    monkeypatch.setattr(os, "geteuid", lambda: 12345)      # the folder's owner, while root owns the file
+    assert nb.may_replace(path)

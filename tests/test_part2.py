@@ -256,6 +256,48 @@ def test_profile_and_target_ignore_case(nb):
     assert settings["TARGET_DOMAIN"] == "synthetic"
 
 
+def test_environment_boolean_ignores_spaces(nb):
+    """A boolean setting's environment value is read without its surrounding spaces, as numbers are."""
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    environ = {"FORCE_RETRAIN": " yes ", "RUN_ABLATION": "off\n"}
+    settings = nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, environ, False)
+    assert settings["FORCE_RETRAIN"] is True
+    assert settings["RUN_ABLATION"] is False
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("NUM_THREADS", "1024", 1024), ("BETA1", "0", 0.0), ("LR_DECAY_START", "0", 0.0), ("LR_DECAY_START", "1", 1.0),
+    ("SEED", str(2**32 - 1), 2**32 - 1), ("LEARNING_RATE", "1e-8", 1e-8), ("D_PRETRAIN_STEPS", "0", 0)])
+def test_setting_at_range_limit_accepted(nb, name, value, expected):
+    """A value at the edge of a setting's valid range is accepted as it is."""
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    settings = nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {name: value}, False)
+    assert settings[name] == expected
+
+
+@pytest.mark.parametrize("name, value, shown", [("BETA1", "1", "1.0"), ("SEED", "4294967296", "4294967296"),
+                                                ("NUM_THREADS", "1025", "1025")])
+def test_setting_just_past_limit_raises(nb, name, value, shown):
+    """A value one step past the edge of a setting's valid range raises ValueError naming the setting."""
+    defaults = {setting: nb.SETTINGS[setting] for setting in nb.SETTING_NAMES}
+    with pytest.raises(ValueError) as error:
+        nb.resolve_settings(defaults, nb.PROFILE_SETTINGS, {name: value}, False)
+    assert str(error.value).startswith(f"{name}={shown} is invalid")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident memory from Linux's /proc")
+def test_peak_memory_in_mebibytes(nb):
+    """The peak resident memory is in MiB, within a factor of two of the peak that Linux's /proc reports.
+
+    The two counters are read apart and can differ slightly (0.13 MiB in one run), while a wrong unit is 1024 apart.
+    """
+    peak_mib = nb.peak_memory_mib()
+    status = Path("/proc/self/status").read_text()
+    reported_mib = int(re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)[1]) / 1024
+    assert peak_mib > reported_mib / 2
+    assert peak_mib < reported_mib * 2
+
+
 # Shapes
 
 
@@ -732,6 +774,18 @@ def test_full_disk_keeps_earlier_figure(nb, tmp_path, monkeypatch):
     assert {path.name: path.read_bytes() for path in nb.pending_figures().iterdir()} == earlier
 
 
+def test_file_in_way_of_report_folder_named(nb, tmp_path):
+    """A file where the results folder belongs is named as in the way, not taken for a full disk."""
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    path = blocker / "run.json"
+    with pytest.raises(OSError) as error:
+        nb.write_report_file(path, lambda file: file.write(b"{}"))
+    assert str(error.value).startswith(f"writing {path} failed (File exists): {blocker} is in the way. Remove or "
+                                       f"rename it, or set REPORT_DIR to another folder.")
+    assert blocker.read_text() == "not a folder"
+
+
 def test_figures_published_with_results(nb, tmp_path, monkeypatch):
     monkeypatch.setattr(nb, "FIGURE_DIR", tmp_path)
     (tmp_path / f"{nb.RUN_NAME}_confusion.png").write_bytes(b"the last finished run's")
@@ -959,6 +1013,15 @@ def test_svhn_reply_longer_than_file_rejected(nb, tmp_path, monkeypatch, serve_f
                                        f"the download from {sources['train'][0]} failed (the reply is longer than "
                                        f"the 100 bytes of the file, so it is not that file). ")
     assert not (tmp_path / "data").exists()
+
+
+def test_svhn_download_of_exact_size_accepted(nb, tmp_path, monkeypatch, serve_folder):
+    """A reply exactly as long as the file's size in DOWNLOAD_SIZES is accepted as that file."""
+    serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
+    served = (tmp_path / "server" / "svhn" / "train_32x32.mat").read_bytes()
+    monkeypatch.setitem(nb.DOWNLOAD_SIZES, "train_32x32.mat", len(served))
+    path = nb.svhn_file(tmp_path / "data", "train")
+    assert path.read_bytes() == served
 
 
 def test_trickled_svhn_download_times_out(nb, tmp_path, monkeypatch, serve_folder):
@@ -1500,6 +1563,14 @@ def test_synthetic_pixels_clipped_not_wrapped(nb):
     assert isolation.max() <= 200
 
 
+def test_synthetic_test_set_apart_from_training(nb):
+    """The synthetic test images are drawn apart from the training images, so that no test image is a training one."""
+    domain = nb.load_target_domain("synthetic", "unused", 0, 0, 20, 20, seed=0)
+    flat_train = domain.train_images.flatten(1)
+    shared = [image for image in domain.test_images.flatten(1) if (flat_train == image).all(dim=1).any()]
+    assert shared == []
+
+
 def test_paste_max_clips_mask_at_edges(nb):
     mask = np.arange(1, 10, dtype=np.float32).reshape(3, 3)
     canvas = np.zeros((4, 4), dtype=np.float32)
@@ -1630,6 +1701,15 @@ def test_fingerprint_covers_shape_and_dtype(nb):
     assert nb.tensor_fingerprint(values) != nb.tensor_fingerprint(values.view(torch.float64))
 
 
+def test_fingerprint_covers_training_labels(nb):
+    """Two domains of the same images with other labels have different fingerprints."""
+    images = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3])
+    first = nb.DigitDomain("mnist", images, labels, images, labels)
+    relabelled = nb.DigitDomain("mnist", images, labels.flip(0), images, labels)
+    assert nb.fingerprint(first) != nb.fingerprint(relabelled)
+
+
 def test_pretraining_rejects_two_class_discriminators(nb):
     gan = nb.build_cyclegan(4, 4, num_classes=2)
     (m_data, m_label), (s_data, s_label) = batches()
@@ -1730,6 +1810,17 @@ def test_rerun_with_other_test_images_rejected(tiny_run):
     assert "'classifiers'" not in message
 
 
+def test_checked_test_labels_in_checkpoint_config(tiny_run):
+    """A rerun whose class-preservation test images keep their pixels but change labels rejects the checkpoint."""
+    tiny_run.train_cyclegan("run", 11, 2)
+    domain = tiny_run.target
+    tiny_run.target = tiny_run.DigitDomain(domain.name, domain.train_images, domain.train_labels,
+                                           domain.test_images, (domain.test_labels + 1) % 10)
+    with pytest.raises(ValueError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert ": {'checked_test_images': " in str(error.value)
+
+
 def test_digit_without_test_images_unmapped(nb):
     confusion = [[0] * 10 for _ in range(10)]
     confusion[2][7], confusion[2][3], confusion[5][5] = 3, 1, 2
@@ -1760,6 +1851,77 @@ def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
     monkeypatch.setattr(tiny_run, "train_iteration", original)
     _, resumed = tiny_run.train_cyclegan("resumed", 11, 2)  # from the checkpoint at iteration 2
     assert resumed.losses == reference.losses
+
+
+def test_resumed_run_keeps_checks_once(tiny_run, monkeypatch):
+    """A run resumed at a check's iteration runs that check only once, so its checks match an uninterrupted run's."""
+    _, reference = tiny_run.train_cyclegan("reference", 11, 2)
+    original = tiny_run.train_iteration
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(tiny_run, "train_iteration", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.train_cyclegan("resumed", 11, 2)
+    monkeypatch.setattr(tiny_run, "train_iteration", original)
+    _, resumed = tiny_run.train_cyclegan("resumed", 11, 2)  # from the checkpoint at iteration 2
+    assert [check["step"] for check in resumed.checks] == [0, 2, 4]
+    assert resumed.checks == reference.checks
+    assert [sample["step"] for sample in resumed.samples] == [0, 2, 4]
+
+
+def test_iterations_use_scheduled_learning_rate(tiny_run, monkeypatch):
+    """Iteration `step` trains at learning_rate_at(step), also after a resume, for both optimizers."""
+    original = tiny_run.train_iteration
+    used = []
+
+    def recording(gan, *batches):
+        used.append([group["lr"] for optimizer in (gan.d_optimizer, gan.g_optimizer)
+                     for group in optimizer.param_groups])
+        if len(used) == 3:
+            raise KeyboardInterrupt
+        return original(gan, *batches)
+
+    monkeypatch.setattr(tiny_run, "train_iteration", recording)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.train_cyclegan("run", 11, 2)
+    tiny_run.train_cyclegan("run", 11, 2)               # resumes at iteration 2
+    rates = [tiny_run.learning_rate_at(step) for step in (0, 1, 2, 2, 3)]
+    assert rates[-1] == tiny_run.LEARNING_RATE / 2
+    assert [set(groups) for groups in used] == [{rate} for rate in rates]
+
+
+def test_train_time_adds_every_interval(tiny_run, monkeypatch):
+    """train_time_s sums every logged interval, across a resume too, so ms_per_iteration averages the whole run."""
+    clock = {"now": 0.0}
+    original = tiny_run.train_iteration
+    calls = []
+
+    def one_second_iteration(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        clock["now"] += 1.0             # the only time that passes on this clock
+        return original(*args)
+
+    class FrozenTime:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            return clock["now"]
+
+    monkeypatch.setattr(tiny_run, "time", FrozenTime())
+    monkeypatch.setattr(tiny_run, "train_iteration", one_second_iteration)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.train_cyclegan("run", 11, 2)
+    _, record = tiny_run.train_cyclegan("run", 11, 2)   # resumes at iteration 2
+    assert record.train_time_s == 4.0
 
 
 def test_resumed_run_keeps_current_fused_adam(tiny_run, monkeypatch):
@@ -1834,6 +1996,31 @@ def test_force_retrain_keeps_every_backup(tiny_run, set_setting):
     assert any(path.read_bytes() == first for path in backups)
 
 
+def test_force_retrain_pretrains_again(tiny_run, monkeypatch, set_setting):
+    """FORCE_RETRAIN moves the checkpoint aside, so that the new run starts over with the discriminators' pretraining.
+    """
+    tiny_run.train_cyclegan("run", 11, 2)
+    set_setting(tiny_run, "FORCE_RETRAIN", True)
+    original = tiny_run.pretrain_discriminators
+    pretrained = []
+    monkeypatch.setattr(tiny_run, "pretrain_discriminators", lambda *args: pretrained.append(1) or original(*args))
+    tiny_run.train_cyclegan("run", 11, 2)
+    assert pretrained == [1]
+
+
+def test_backup_names_never_reused(nb, tmp_path, monkeypatch):
+    """Three backups of one checkpoint within one second get three names, so that none replaces another."""
+    monkeypatch.setattr(nb.time, "strftime", lambda format: "20261206-150000")
+    path = tmp_path / "cyclegan_run.pt"
+    names = []
+    for _ in range(3):
+        backup = nb.backup_path(path)
+        backup.write_bytes(b"a kept checkpoint")
+        names.append(backup.name)
+    assert names == ["cyclegan_run.pt.20261206-150000.old", "cyclegan_run.pt.20261206-150000-2.old",
+                     "cyclegan_run.pt.20261206-150000-3.old"]
+
+
 def test_training_stops_on_changed_setting(tiny_run, monkeypatch):
     """GAN_STEPS set again after the settings were read: neither the CycleGAN nor a classifier trains, and the
     finished run's checkpoint stays as it was."""
@@ -1872,6 +2059,25 @@ def test_checkpoint_from_other_data_is_rejected(tiny_run):
         tiny_run.train_cyclegan("run", 11, 2)
 
 
+@pytest.mark.parametrize("name, value", [("LR_DECAY_START", 0.25), ("BETA1", 0.9), ("LEARNING_RATE", 1e-3),
+                                         ("CYCLE_WEIGHT", 5.0), ("D_PRETRAIN_STEPS", 3), ("BATCH_SIZE", 4)])
+def test_training_settings_in_checkpoint_config(tiny_run, set_setting, name, value):
+    """Each setting that changes the CycleGAN's training is part of the config a checkpoint must match."""
+    before = tiny_run.run_config()
+    set_setting(tiny_run, name, value)
+    changed = {key for key, saved in before.items() if tiny_run.run_config()[key] != saved}
+    assert changed == {name}
+
+
+def test_classifier_with_other_steps_rejected(tiny_run, tmp_path):
+    """A classifier checkpoint trained for another CLASSIFIER_STEPS is not reused."""
+    path = tmp_path / "classifier.pt"
+    tiny_run.train_classifier(tiny_run.target, 4, 2, 0, path, batch_size=8)
+    with pytest.raises(ValueError) as error:
+        tiny_run.train_classifier(tiny_run.target, 4, 3, 0, path, batch_size=8)
+    assert "(saved, now): {'steps': (2, 3)}" in str(error.value)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"hello\n", b"t"])
 def test_unreadable_checkpoint_names_file(tiny_run, content):
     checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
@@ -1892,6 +2098,42 @@ def test_flipped_checkpoint_bit_rejected(tiny_run):
         tiny_run.train_cyclegan("run", 11, 2)
     assert str(error.value).startswith(f"checkpoint {checkpoint} is damaged: its record {record} fails its CRC-32 "
                                        f"check")
+
+
+def test_damaged_record_beside_empty_one_rejected(nb, tmp_path):
+    """An empty tensor's record has the CRC-32 0, which must not turn off the check of the other records."""
+    path = tmp_path / "run.pt"
+    nb.save_checkpoint(path, {"config": {"run": 1}, "weights": torch.arange(64.0), "empty": torch.zeros(0)})
+    record = first_tensor_record(path)                  # the weights' record, saved first
+    flip_byte_in_record(path, record)
+    with pytest.raises(ValueError) as error:
+        nb.read_checkpoint(path, {"run": 1})
+    assert str(error.value).startswith(f"checkpoint {path} is damaged: its record {record} fails its CRC-32 check")
+
+
+def test_checkpoint_with_nan_rejected(nb, tmp_path):
+    """A checkpoint whose weights contain NaN is rejected with the tensor's name rather than loaded."""
+    path = tmp_path / "run.pt"
+    nb.save_checkpoint(path, {"config": {"run": 1}, "G": {"weight": torch.tensor([1.0, float("nan")])}})
+    with pytest.raises(ValueError) as error:
+        nb.read_checkpoint(path, {"run": 1})
+    assert str(error.value).startswith(f"checkpoint {path} contains values that are not finite (NaN or infinity) in "
+                                       f"G.weight;")
+
+
+def test_checkpoint_without_read_permission_named(tiny_run, monkeypatch):
+    """A checkpoint that cannot be read for lack of permission is named as such, not as unreadable data."""
+    tiny_run.train_cyclegan("run", 11, 2)
+    checkpoint = tiny_run.RUN_CHECKPOINT_DIR / "cyclegan_run.pt"
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(tiny_run.torch, "load", denied)
+    with pytest.raises(PermissionError) as error:
+        tiny_run.train_cyclegan("run", 11, 2)
+    assert str(error.value).startswith(f"cannot read checkpoint {checkpoint} (Permission denied). Make it readable "
+                                       f"to reuse it, or set FORCE_RETRAIN=True")
 
 
 def test_checkpoint_write_waits_for_lock(nb, tmp_path):
@@ -2052,6 +2294,26 @@ def test_check_out_of_memory_keeps_iterations(tiny_run, monkeypatch, failing_cal
     for got, expected in zip(resumed.samples, reference.samples):
         for row in ("G(m)", "F(s)"):
             assert torch.equal(got[row], expected[row]), (expected["step"], row)
+
+
+def test_final_check_rerun_after_memory_error(tiny_run, monkeypatch, set_setting):
+    """A final check that ran out of memory at a GAN_STEPS that SAMPLE_EVERY does not divide runs on the rerun."""
+    set_setting(tiny_run, "GAN_STEPS", 5)               # checks at iterations 0, 2, 4 and 5
+    original = tiny_run.class_preservation
+    calls = []
+
+    def fails_in_last_check(*args):
+        calls.append(1)
+        if len(calls) == 7:                             # two calls per check: the first of the check at 5
+            allocation_failure()
+        return original(*args)
+
+    monkeypatch.setattr(tiny_run, "class_preservation", fails_in_last_check)
+    with pytest.raises(MemoryError):
+        tiny_run.train_cyclegan("run", 11, 2)
+    _, record = tiny_run.train_cyclegan("run", 11, 2)
+    assert [check["step"] for check in record.checks] == [0, 2, 4, 5]
+    assert [sample["step"] for sample in record.samples] == [0, 2, 4, 5]
 
 
 def test_batch_fetch_out_of_memory_names_sizes(tiny_run, monkeypatch):
@@ -2488,6 +2750,49 @@ def test_mnist_labels_outside_digits_rejected(nb, tmp_path):
         nb.load_mnist(tmp_path)
 
 
+def test_mnist_label_ten_rejected(nb, tmp_path):
+    """Label 10 is the discriminators' class of generated images, not a digit, so MNIST labels of 10 are rejected."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    write_mnist_idx(raw, "t10k", np.zeros((6, 28, 28), dtype=np.uint8), [0, 1, 2, 3, 4, 10])
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert str(error.value).startswith(f"the MNIST t10k labels in {raw} must be 0-9, found [0, 1, 2, 3, 4, 10]")
+
+
+def test_mnist_file_with_extra_bytes_named(nb, tmp_path):
+    """An idx file longer than its header's count says is rejected with its name and both sizes."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    labels = tmp_path / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes() + b"\0")
+    with pytest.raises(ValueError) as error:
+        nb.load_mnist(tmp_path, download=False)
+    assert f"{labels} is not a valid MNIST file" in str(error.value)
+    assert "its header counts 6 labels, 14 bytes with the header, but the file has 15 bytes" in str(error.value)
+
+
+def test_mnist_limits_apply_to_their_splits(nb, tmp_path):
+    """TRAIN_LIMIT cuts the training split and TEST_LIMIT the test split, each to its first images."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    full = nb.load_mnist(tmp_path, download=False)
+    limited = nb.load_mnist(tmp_path, train_limit=10, test_limit=4, download=False)
+    assert torch.equal(limited.train_images, full.train_images[:10])
+    assert torch.equal(limited.train_labels, full.train_labels[:10])
+    assert torch.equal(limited.test_images, full.test_images[:4])
+    assert torch.equal(limited.test_labels, full.test_labels[:4])
+
+
+def test_svhn_limits_apply_to_their_splits(nb, tmp_path):
+    """TRAIN_LIMIT cuts SVHN's training file and TEST_LIMIT its test file, each to its first images."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    full = nb.load_svhn(tmp_path, download=False)
+    limited = nb.load_svhn(tmp_path, train_limit=10, test_limit=4, download=False)
+    assert torch.equal(limited.train_images, full.train_images[:10])
+    assert torch.equal(limited.train_labels, full.train_labels[:10])
+    assert torch.equal(limited.test_images, full.test_images[:4])
+    assert torch.equal(limited.test_labels, full.test_labels[:4])
+
+
 
 def test_cpu_identity_reads_first_processor(nb, cpuinfo_sample, tmp_path):
     assert nb.cpu_identity(cpuinfo_sample) == ("AMD EPYC", "25", "17")
@@ -2687,6 +2992,18 @@ def test_fetch_data_skips_svhn_for_synthetic(nb, tmp_path, monkeypatch):
     monkeypatch.setattr(nb, "DATA_DIR", str(tmp_path))
     monkeypatch.setattr(nb, "TARGET_DOMAIN", "synthetic")
     assert nb.fetch_data() is None
+
+
+def test_fetch_data_honours_download_off(nb, tmp_path, monkeypatch):
+    """With DOWNLOAD off, fetch_data names the missing MNIST files and tries no download."""
+    monkeypatch.setattr(nb, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(nb, "DOWNLOAD", False)
+    monkeypatch.setattr(nb, "TARGET_DOMAIN", "synthetic")
+    monkeypatch.setattr(nb, "download_checked", forbidden_download)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.fetch_data()
+    assert "are missing in" in str(error.value)
+    assert "and DOWNLOAD is False" in str(error.value)
 
 
 def compressed_uint8_variable(name, shape, stored_as=(2, 1), size=None):
@@ -3057,6 +3374,34 @@ def test_odd_zlib_streams_load(nb, tmp_path, stream):
     loaded, loaded_labels = nb.load_svhn_mat(path)
     assert torch.equal(loaded, torch.from_numpy(images.transpose(3, 2, 0, 1).copy()))
     assert loaded_labels.tolist() == (labels.ravel() % 10).tolist()
+
+
+def test_eight_bytes_past_array_rejected(nb, tmp_path):
+    """Padding to a multiple of 8 takes at most 7 bytes, so a stream that goes on 8 bytes past X is rejected."""
+    path = tmp_path / "train_32x32.mat"
+    svhn_file_with_x_stream(path, lambda element: zlib.compress(element + bytes(8)))
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} is not a readable .mat file (ValueError: the compressed array X goes "
+                                       f"on past the end of its data);")
+
+
+def test_svhn_file_at_image_limit_loads(nb, tmp_path, monkeypatch):
+    """A file of exactly SVHN_MAX_IMAGES images, as SVHN's train file is, loads in full."""
+    write_tiny_data(tmp_path, train=12, test=6)
+    monkeypatch.setattr(nb, "SVHN_MAX_IMAGES", 12)
+    images, labels = nb.load_svhn_mat(tmp_path / "svhn" / "train_32x32.mat")
+    assert len(images) == 12
+    assert labels.tolist() == [digit % 10 for digit in range(12)]
+
+
+def test_svhn_file_without_images_rejected(nb, tmp_path):
+    """A file whose X and y hold no images is rejected with the counts, before any data is read."""
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 0), np.uint8), "y": np.zeros((0, 1), np.uint8)})
+    with pytest.raises(ValueError) as error:
+        nb.load_svhn_mat(path)
+    assert str(error.value).startswith(f"{path} holds 0 images and 0 labels;")
 
 
 def test_file_cut_in_tag_named(nb, tmp_path):
