@@ -198,3 +198,55 @@ def test_report_prose_matches_hosts_of_results(repo_root):
                       for run in ("cyclegan_11class", "cyclegan_2class") for side in ("G", "F"))
     assert f"{100 * largest_gap:.1f} points" == "1.9 points", \
         f"class preservation differs by {100 * largest_gap:.1f} points between the hosts, not 1.9: {fix}"
+
+
+def test_list_index_out_of_range_named(tmp_path):
+    """A list index past the end of a list names the placeholder and the key path up to that index."""
+    (tmp_path / "r.json").write_text('{"a": {"b": [1, 2]}}')
+    with pytest.raises(make_report.ReportError) as error:
+        make_report.render("{{r/a/b/5}}", tmp_path)
+    assert str(error.value) == "placeholder 'r/a/b/5': key 'a/b/5' not found in r.json"
+
+
+def write_report_folder(folder, steps):
+    """Write a report folder whose template shows results file r.json's "steps", set to `steps`."""
+    (folder / "results").mkdir(exist_ok=True)
+    (folder / "results" / "r.json").write_text(json.dumps({"steps": steps}))
+    (folder / "REPORT.template.md").write_text("{{r/steps}} steps\n")
+
+
+def test_check_flags_stale_report(tmp_path, capsys):
+    """The --check option exits with 1 while REPORT.md is missing or stale, and with 0 once it is rendered."""
+    write_report_folder(tmp_path, 6)
+    assert make_report.main(["--report-dir", str(tmp_path), "--check"]) == 1
+    assert make_report.main(["--report-dir", str(tmp_path)]) == 0
+    assert make_report.main(["--report-dir", str(tmp_path), "--check"]) == 0
+    write_report_folder(tmp_path, 7)
+    assert make_report.main(["--report-dir", str(tmp_path), "--check"]) == 1
+    assert f"{tmp_path / 'REPORT.md'} is out of date" in capsys.readouterr().err
+    assert (tmp_path / "REPORT.md").read_text() == "6 steps\n", "--check writes nothing"
+
+
+def test_render_error_exits_with_two(tmp_path, capsys):
+    """A placeholder whose key is missing stops the run with exit code 2 and leaves the old report as it was."""
+    write_report_folder(tmp_path, 6)
+    (tmp_path / "REPORT.template.md").write_text("{{r/epochs}} epochs\n")
+    (tmp_path / "REPORT.md").write_text("the previous report\n")
+    assert make_report.main(["--report-dir", str(tmp_path)]) == 2
+    assert "key 'epochs' not found in r.json" in capsys.readouterr().err
+    assert (tmp_path / "REPORT.md").read_text() == "the previous report\n"
+
+
+def test_missing_template_exits_with_two(tmp_path, capsys):
+    """A report folder without REPORT.template.md exits with code 2 and names the template."""
+    assert make_report.main(["--report-dir", str(tmp_path)]) == 2
+    assert f"template {tmp_path / 'REPORT.template.md'} not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_report_leaves_no_partial(tmp_path):
+    """A successful write renames the temporary file over REPORT.md, so that no partial file stays behind."""
+    write_report_folder(tmp_path, 6)
+    assert make_report.main(["--report-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "REPORT.md").read_text() == "6 steps\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["REPORT.md", "REPORT.template.md", "results"]

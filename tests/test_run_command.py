@@ -1081,3 +1081,244 @@ def test_failed_cell_gets_option_hint(tmp_path, monkeypatch, capsys):
                                  "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}"])
     assert status == 1
     assert "has them.\nWith this runner, DATA_DIR is --data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix domain sockets exist only on POSIX systems")
+@pytest.mark.parametrize("length, in_tmpdir", [(72, True), (73, False)])
+def test_socket_path_limit_is_exact(tmp_path, monkeypatch, length, in_tmpdir):
+    """A TMPDIR of 72 bytes keeps the sockets there, and one of 73 bytes moves them to /tmp."""
+    # sun_path has room for 103 bytes, and after TMPDIR come "/nbkernel-" with 8 random characters, "/kernel" and
+    # the port suffix "-65535", 31 bytes in all.
+    if len(os.fsencode(tmp_path)) + 2 > length:
+        pytest.skip(f"the temporary folder {tmp_path} is too long for a TMPDIR of {length} bytes")
+    tmpdir = tmp_path / ("t" * (length - len(os.fsencode(tmp_path)) - 1))
+    tmpdir.mkdir()
+    assert len(os.fsencode(tmpdir)) == length
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)     # tempfile caches TMPDIR, and monkeypatch restores the cache
+    socket_dir = run_notebooks.make_socket_dir()
+    try:
+        assert (Path(socket_dir).parent == tmpdir) is in_tmpdir
+        assert len(os.fsencode(run_notebooks.socket_ip(socket_dir))) + len("-65535") <= 103
+    finally:
+        os.rmdir(socket_dir)
+    assert list(tmpdir.iterdir()) == [], "a folder too long for the sockets is removed"
+
+
+def test_kernel_config_without_socket_dir_uses_tcp():
+    """Without a folder for Unix domain sockets, the kernel manager keeps Jupyter's default transport, TCP."""
+    assert "KernelManager" not in run_notebooks.kernel_config(None)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups and setitimer exist only on POSIX systems")
+def test_interrupt_forwarder_stops_its_alarm():
+    """The first Ctrl-C goes to the kernel's process group and arms the grace timer, a second one raises at once,
+    and leaving the block disarms the timer and restores the handlers."""
+    kernel = subprocess.Popen(["sleep", "120"], start_new_session=True,       # a kernel in a session of its own
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    manager = type("KernelManager", (), {"provisioner": type("Provisioner", (), {"pgid": kernel.pid})()})()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with run_notebooks.InterruptForwarder(manager) as interrupt:
+            assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+            interrupt.forward(signal.SIGINT, None)
+            assert interrupt.requested
+            assert kernel.wait(timeout=60) == -signal.SIGINT, "the kernel's process group got the Ctrl-C"
+            assert signal.getitimer(signal.ITIMER_REAL)[0] > 0, "the grace timer is armed"
+            with pytest.raises(KeyboardInterrupt):
+                interrupt.forward(signal.SIGINT, None)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0), "the grace timer is disarmed"
+        assert signal.getsignal(signal.SIGINT) is previous
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        kernel.kill()
+        kernel.wait()
+
+
+def test_cell_title_skips_todo_comments():
+    """A TODO: comment is skipped like a NOTE: comment when a cell's title is chosen."""
+    cell = nbformat.v4.new_code_cell("# TODO: time it on a GPU\n# Train the models\ntrain()")
+    assert run_notebooks._cell_title(cell) == "Train the models"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock(2) exists only on POSIX systems")
+def test_folder_lock_is_exclusive_and_released(tmp_path):
+    """The lock on a folder keeps out shared and exclusive locks while the block runs and is released after it."""
+    import fcntl  # POSIX only
+
+    descriptor = os.open(tmp_path, os.O_RDONLY)        # another runner's
+    try:
+        with run_notebooks.locked_folder(tmp_path):
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(descriptor)
+
+
+def test_resume_advice_prefers_set_value(monkeypatch):
+    """A --set FORCE_RETRAIN value decides the advice over the environment variable, as it does in the kernel."""
+    monkeypatch.setenv("FORCE_RETRAIN", "1")
+    assert run_notebooks.resume_advice({"FORCE_RETRAIN": "0"}) == "run the same command again to resume"
+    monkeypatch.setenv("FORCE_RETRAIN", "0")
+    assert run_notebooks.resume_advice({"FORCE_RETRAIN": "yes"}) == ("run the same command without FORCE_RETRAIN "
+                                                                     "to resume from the checkpoints")
+
+
+def test_checkpoint_written_at_start_counted(tmp_path):
+    """A checkpoint file whose time stamp equals the run's start counts as written by the run."""
+    started = 1_000_000_000.0
+    (tmp_path / "MyLSTM.pt").write_bytes(b"step 100")
+    os.utime(tmp_path / "MyLSTM.pt", (started, started))
+    (tmp_path / "old.pt").write_bytes(b"from an earlier run")
+    os.utime(tmp_path / "old.pt", (started - 1, started - 1))
+    message = run_notebooks.interrupted_message("part1_lstm.ipynb", tmp_path, started, {"FORCE_RETRAIN": "0"})
+    assert message == ("Interrupted in part1_lstm.ipynb. The checkpoint file it wrote is kept, so run the same "
+                       "command again to resume.")
+
+
+def test_option_hint_needs_whole_name():
+    """A name that only contains a setting's name, such as PROFILE_CHOICES, gets no option hint."""
+    message = "cell 3 failed with KeyError: 'PROFILE_CHOICES'\n\nTraceback ..."
+    assert run_notebooks.option_hint(message) == ""
+
+
+def test_set_value_overrides_environment(monkeypatch):
+    """A --set value reaches the kernel even where the runner's environment sets the same name."""
+    monkeypatch.setenv("SEED", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    kernel_env = run_notebooks.kernel_environment({"SEED": 2})
+    assert kernel_env["SEED"] == "2"
+    assert "MPLBACKEND" not in kernel_env
+
+
+def write_results_file(path, profile, mtime):
+    """Write a results file with the fields that the summary reads, last changed at `mtime`."""
+    path.write_text(json.dumps({"profile": profile, "device": "cpu", "wall_time_s": 12.4,
+                                "headline": {"perplexity": 140.5}}))
+    os.utime(path, (mtime, mtime))
+
+
+def test_summary_reads_newest_fresh_results(tmp_path):
+    """The summary line comes from the newest results file of the notebook's part written since it started."""
+    results = tmp_path / "results"
+    results.mkdir()
+    started = 1_000_000_000.0
+    write_results_file(results / "part1_full.json", "full", started - 1)            # an earlier run's
+    write_results_file(results / "part1_smoke.json", "smoke", started)
+    write_results_file(results / "part1_cpu.json", "cpu", started + 5)
+    write_results_file(results / "part2_cpu_svhn.json", "cpu", started + 9)          # the other part's
+    lines = run_notebooks._summary_lines(tmp_path, {"part1_lstm.ipynb": started, "part2_cyclegan.ipynb": started + 10})
+    assert lines[0] == (f"part1_lstm.ipynb: profile cpu, device cpu, 12 s from the end of setup to the results; "
+                        f"perplexity 140.5 ({results / 'part1_cpu.json'})")
+    assert lines[1] == "part2_cyclegan.ipynb: no results file written"
+
+
+def write_notebook_with_definitions(path, parameters, definitions):
+    """Write a notebook with a parameters cell and a definitions cell of the given sources."""
+    cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": [PARAMETERS_TAG]}),
+             nbformat.v4.new_code_cell(definitions, metadata={"tags": ["definitions"]})]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+    return path
+
+
+def test_settings_check_reports_only_value_errors(tmp_path):
+    """Only the settings code's ValueError stops the run, and other errors are left for the run to report."""
+    crashing = write_notebook_with_definitions(tmp_path / "crashing.ipynb", "SEED = 0",
+                                               "raise RuntimeError('no GPU here')")
+    assert run_notebooks.settings_error(crashing, {}) is None
+    invalid = write_notebook_with_definitions(tmp_path / "invalid.ipynb", "SEED = 0",
+                                              "raise ValueError('SEED=x is invalid')")
+    assert run_notebooks.settings_error(invalid, {}) == "SEED=x is invalid"
+
+
+def test_auto_profile_names_executed_copy(tmp_path, monkeypatch):
+    """With --profile auto, the executed copy is named after the profile that auto resolves to."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runs = record_runs(monkeypatch)
+    status = run_notebooks.main(["--profile", "auto", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "part1_lstm.ipynb"])
+    assert status == 0
+    assert runs[0][1] == "part1_lstm.cpu.ipynb"
+    assert runs[0][2]["PROFILE"] == "auto", "the notebook resolves auto itself"
+
+
+def test_zero_cell_timeout_rejected(tmp_path, monkeypatch, capsys):
+    """A --cell-timeout of 0 seconds stops the runner before any notebook starts."""
+    runs = record_runs(monkeypatch)
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                            "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "--cell-timeout", "0",
+                            "part1_lstm.ipynb"])
+    assert runs == []
+    assert "--cell-timeout must be at least 1 second, got 0" in capsys.readouterr().err
+
+
+def test_set_checkpoint_dir_beats_environment(tmp_path, monkeypatch):
+    """The runner checks the CHECKPOINT_DIR given with --set, which the kernel reads, not the environment's."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("CHECKPOINT_DIR", str(not_a_folder))
+    runs = record_runs(monkeypatch)
+    status = run_notebooks.main(["--profile", "smoke", "--report-dir", str(tmp_path / "report"),
+                                 "--set", f"CHECKPOINT_DIR={tmp_path / 'checkpoints'}", "part1_lstm.ipynb"])
+    assert status == 0
+    assert len(runs) == 1
+    assert (tmp_path / "checkpoints").is_dir(), "the writable check ran there"
+
+
+@pytest.mark.parametrize("cells, message", [
+    ([("SEED = 0", []), ("x = 1", ["definitions"])], "expected exactly one code cell tagged 'parameters', found 0"),
+    ([("x = 1", ["definitions"]), ("SEED = 0", ["parameters"])], "the 'parameters' cell must come before every "
+                                                                 "'definitions' cell"),
+    ([("SEED = 0", ["parameters"]), ("x = 1", [])], "no code cell is tagged 'definitions'"),
+])
+def test_misplaced_tags_rejected(tmp_path, cells, message):
+    """A notebook without a parameters cell first and a definitions cell after it raises ValueError."""
+    path = tmp_path / "tags.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source, metadata={"tags": tags})
+                                                   for source, tags in cells]), path)
+    with pytest.raises(ValueError) as error:
+        tagged_cells(path)
+    assert str(error.value) == f"{path}: {message}."
+
+
+def test_definitions_see_and_restore_environment(tmp_path, monkeypatch):
+    """Settings in `env` reach the cells, also over a variable already set, and the environment is restored."""
+    monkeypatch.setenv("NBDEFS_TEST_OLD", "before")
+    monkeypatch.delenv("NBDEFS_TEST_NEW", raising=False)
+    path = write_notebook_with_definitions(tmp_path / "env.ipynb",
+                                           "import os\nOLD = os.environ['NBDEFS_TEST_OLD']",
+                                           "NEW = os.environ['NBDEFS_TEST_NEW']")
+    module = load_definitions(path, env={"NBDEFS_TEST_OLD": "during", "NBDEFS_TEST_NEW": 5})
+    assert module.OLD == "during"
+    assert module.NEW == "5"
+    assert os.environ["NBDEFS_TEST_OLD"] == "before"
+    assert "NBDEFS_TEST_NEW" not in os.environ
+
+
+def test_folder_without_room_for_files_named(tmp_path):
+    """A folder that exists but where no file can be created is reported, not only one that cannot be made."""
+    # Tests may run as root, whom permissions do not stop, so the folder's path leaves no room under PATH_MAX
+    # (4096 bytes on Linux) for the probe file's name instead.
+    folder = tmp_path
+    while len(os.fsencode(folder)) < 3880:
+        folder /= "d" * 200
+    folder /= "d" * (4085 - len(os.fsencode(folder)) - 1)       # a path of 4085 bytes, which mkdir accepts
+    folder.mkdir(parents=True)
+    assert run_notebooks.unwritable_folder(folder) == "OSError: File name too long"
+
+
+def test_closed_streams_reopened_before_pipe():
+    """With stdin and stdout closed, both are reopened, so that a pipe made afterwards takes numbers above 2."""
+    code = ("import os, sys\nos.close(0)\nos.close(1)\nfrom tools.run_notebooks import open_closed_standard_streams\n"
+            "open_closed_standard_streams()\nprint(*os.pipe(), os.path.realpath('/proc/self/fd/1'), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=run_notebooks.REPO_ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    read_end, write_end, stdout_target = result.stderr.split()
+    assert int(read_end) > 2
+    assert int(write_end) > 2
+    assert stdout_target == os.devnull
