@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,6 +207,19 @@ def test_unwritable_build_folder_named(tmp_path, monkeypatch):
         cpp_recurrence.build_kernel()
 
 
+def test_read_only_build_folder_named(tmp_path, monkeypatch):
+    """An existing build folder that os.access reports as read-only, since tests run as root, stops the build."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    folder = cpp_recurrence.build_folder()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real_access(path, mode) and Path(path) != folder)
+    with pytest.raises(RuntimeError, match=r"the kernel's build folder .*cache.* is not writable; set "
+                                           r"TORCH_EXTENSIONS_DIR to a folder that can be written"):
+        cpp_recurrence.build_kernel()
+
+
 @needs_build
 def test_failed_build_named(tmp_path, monkeypatch):
     """A compiler that fails at once, in a fresh build folder, so that no cached build is loaded."""
@@ -254,3 +268,58 @@ def test_backward_shape_mismatch_named(kernel, index, value, message):
     arguments[index] = value
     with pytest.raises(RuntimeError, match=message):
         kernel.backward(*arguments)
+
+
+class ScaledValues:
+    """LSTMRecurrence with its outputs' values multiplied by 1 + `error` and their gradients left exact."""
+
+    def __init__(self, notebook, error):
+        self.notebook, self.error = notebook, error
+
+    def apply(self, *args):
+        return tuple(output + self.error * output.detach() for output in self.notebook.apply(*args))
+
+
+def test_largest_difference_is_returned(part1):
+    """The check returns the largest relative difference over all outputs and gradients, not the last one."""
+    worst = cpp_recurrence.check_against_notebook(part1, part1.LSTMRecurrence,
+                                                  ScaledValues(part1.LSTMRecurrence, 5e-6))
+    assert worst == pytest.approx(5e-6, rel=0.05)
+
+
+def test_difference_over_limit_rejected(part1):
+    """Outputs 2e-5 off relative to their largest entry exceed the limit of 1e-5 and are rejected."""
+    with pytest.raises(RuntimeError, match="differs from LSTMRecurrence in its hidden states by up to 2e-05"):
+        cpp_recurrence.check_against_notebook(part1, part1.LSTMRecurrence, ScaledValues(part1.LSTMRecurrence, 2e-5))
+
+
+def test_nan_outputs_rejected(part1):
+    """A kernel that returns NaN fails the check instead of passing every comparison with NaN."""
+    with pytest.raises(RuntimeError, match="differs from LSTMRecurrence in its hidden states by up to nan"):
+        cpp_recurrence.check_against_notebook(part1, part1.LSTMRecurrence,
+                                              ScaledValues(part1.LSTMRecurrence, float("nan")))
+
+
+def test_rows_give_ratio_to_first():
+    """Each row's ratio is its median over the first variant's median, and the times are in milliseconds."""
+    rows = cpp_recurrence.rows_of({"torch.nn.LSTM": [0.002, 0.001, 0.003], "C++ kernel": [0.004, 0.006, 0.005]},
+                                  size="cpu")
+    assert [row["variant"] for row in rows] == ["torch.nn.LSTM", "C++ kernel"]
+    assert rows[0]["ratio_to_torch"] == 1.0
+    assert rows[1]["ratio_to_torch"] == pytest.approx(2.5)
+    assert rows[1]["median_ms"] == pytest.approx(5.0)
+    assert rows[1]["min_ms"] == pytest.approx(4.0)
+    assert rows[1]["max_ms"] == pytest.approx(6.0)
+    assert rows[1]["samples"] == 3
+    assert rows[1]["size"] == "cpu"
+
+
+def test_negative_warmup_rejected(tmp_path, monkeypatch, capsys):
+    """A warm-up count below 0 stops the run before any kernel is built."""
+    def fail():
+        raise RuntimeError("the kernel was built (a test's failure)")
+
+    monkeypatch.setattr(cpp_recurrence, "build_kernel", fail)
+    with pytest.raises(SystemExit):
+        cpp_recurrence.main(["--warmup", "-1", "--output", str(tmp_path / "cpp-kernel.json")])
+    assert "--warmup at least 0, got 40, 8, 3 and -1" in capsys.readouterr().err
