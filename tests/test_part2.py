@@ -286,6 +286,7 @@ def test_setting_just_past_limit_raises(nb, name, value, shown):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident memory from Linux's /proc")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc/self/status")
 def test_peak_memory_in_mebibytes(nb):
     """The peak resident memory is in MiB, within a factor of two of the peak that Linux's /proc reports.
 
