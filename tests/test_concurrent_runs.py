@@ -94,6 +94,15 @@ def test_stopped_runs_figures_discarded(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_recent_pending_folder_kept(nb):
+    """Another kernel's pending folder last written 47 hours ago, within the two days of a run that may still be
+    going, stays."""
+    figure = pending_folder(nb, f"_{OTHER_TOKEN}", age_s=47 * 3600)
+    nb.discard_pending_figures()
+    assert figure.read_bytes() == b"a pending figure"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_other_runs_figures_kept(nb):
     """Folders of another profile or target domain, a link, and names that only start like this run's stay."""
     other = f".pending_{OTHER_RUNS[nb.notebook]}"
@@ -241,6 +250,29 @@ def test_unwritable_figures_keep_results(nb, monkeypatch):
                                        f"process may not write to {nb.FIGURE_DIR}. Make that folder writable, then "
                                        f"run this cell again. The results file is not written, ")
     assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
+    assert all(png.exists() for png in pngs)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_unwritable_results_folder_keeps_figures(nb, monkeypatch):
+    """Where the results folder can no longer be written, the check stops before any file moves, so the earlier
+    results file stays beside the earlier figures."""
+    earlier = write_earlier_run(nb)
+    pngs = save_figures(nb)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir) == nb.RESULTS_PATH.parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(OSError) as error:
+        nb.write_results({"run": "this"})
+    assert str(error.value).startswith(f"cannot write to {nb.RESULTS_PATH.parent} (PermissionError: Permission "
+                                       f"denied); ")
+    assert json.loads(nb.RESULTS_PATH.read_text()) == {"run": "earlier"}
+    assert earlier.read_bytes() == b"the earlier run's"
     assert all(png.exists() for png in pngs)
 
 

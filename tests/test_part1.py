@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -870,6 +871,15 @@ def test_read_words_rejects_empty_or_binary_file(part1, tmp_path, content):
     assert "downloaded again" in str(error.value)
 
 
+def test_read_words_rejects_one_token(part1, tmp_path):
+    """A file of one empty line reads as one token, an end of line, which predicts nothing."""
+    path = tmp_path / "ptb.valid.txt"
+    path.write_bytes(b"\n")
+    with pytest.raises(ValueError) as error:
+        part1.read_words(path)
+    assert str(error.value).startswith(f"{path} has 1 tokens, too few to predict any word; ")
+
+
 def test_window_batcher_shifts_and_partial_batch(part1):
     ids = torch.arange(200)
     batcher = part1.WindowBatcher(ids, window=7, batch_size=6, seed=3)
@@ -1163,6 +1173,42 @@ def test_invalid_setting_names_value(repo_root, tmp_path, name, value):
     assert value in str(error.value)
 
 
+@pytest.mark.parametrize("word, expected", [
+    ("1", True), ("true", True), ("Yes", True), ("ON", True), ("0", False), ("false", False), ("No", False),
+    ("off", False)])
+def test_boolean_words_parse_both_ways(part1, word, expected):
+    """Each word that the error message offers for a boolean setting parses to its truth value, in any case."""
+    assert part1.parse_setting("FORCE_RETRAIN", word, False) is expected
+
+
+@pytest.mark.parametrize("name, value", [
+    ("DROPOUT", 0.0), ("SEED", 2**32 - 1), ("NUM_THREADS", 1024), ("NUM_THREADS", 0),
+    ("VALID_TOKENS_DURING_TRAINING", 0), ("LEARNING_RATE", 1e-8)])
+def test_setting_range_ends_accepted(part1, name, value):
+    """The last valid value at each end of a setting's range passes validate_settings."""
+    assert part1.validate_settings({**part1.SETTINGS, name: value}) is None
+
+
+@pytest.mark.parametrize("name, value", [
+    ("DROPOUT", 1.0), ("SEED", 2**32), ("NUM_THREADS", 1025), ("GRAD_CLIP", math.inf), ("LEARNING_RATE", math.inf)])
+def test_setting_past_range_rejected(part1, name, value):
+    """A value just past a setting's range, or an infinite one, raises a ValueError that names the setting."""
+    with pytest.raises(ValueError) as error:
+        part1.validate_settings({**part1.SETTINGS, name: value})
+    assert f"{name}={value!r} is invalid" in str(error.value)
+
+
+@pytest.mark.parametrize("cuda, expected", [(False, "cpu"), (True, "full")])
+def test_auto_profile_follows_cuda(part1, monkeypatch, cuda, expected):
+    """PROFILE "auto", in any case, resolves to "full" where CUDA is available and to "cpu" where it is not."""
+    monkeypatch.delenv("PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    namespace = {**part1.settings_as_written, "SETTING_NAMES": part1.SETTING_NAMES, "PROFILE": " Auto "}
+    settings = part1.resolve_settings(namespace)
+    assert settings["PROFILE"] == expected
+    assert settings["HIDDEN_SIZE"] == part1.PROFILE_SETTINGS[expected]["HIDDEN_SIZE"]
+
+
 def test_none_text_keeps_folder_names(repo_root, tmp_path, monkeypatch):
     """"none" means the profile's value only for settings that default to None."""
     module = load_with_setting(monkeypatch, repo_root, tmp_path, "CHECKPOINT_DIR", "none")
@@ -1204,6 +1250,20 @@ def test_memory_error_on_load_is_not_corruption(part1, tmp_path, monkeypatch):
     run_training(part1, path, train_settings(part1))
     monkeypatch.setattr(part1.torch, "load", allocation_failure)
     with pytest.raises(RuntimeError, match="can't allocate memory"):
+        part1.load_checkpoint(path, train_settings(part1))
+
+
+def python_memory_error(*args, **kwargs):
+    """Stand in for torch.load where Python's own allocator fails, as the unpickler's can."""
+    raise MemoryError
+
+
+def test_python_memory_error_on_load_passes(part1, tmp_path, monkeypatch):
+    """Python's MemoryError while a checkpoint loads passes unchanged, not as a ValueError that calls it unreadable."""
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1))
+    monkeypatch.setattr(part1.torch, "load", python_memory_error)
+    with pytest.raises(MemoryError):
         part1.load_checkpoint(path, train_settings(part1))
 
 
@@ -1336,6 +1396,63 @@ def test_resumed_training_equals_uninterrupted(part1, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_last_partial_interval_saved(part1, tmp_path):
+    """Where TRAIN_STEPS is no multiple of EVAL_EVERY, the last steps are validated and saved all the same."""
+    settings = train_settings(part1, TRAIN_STEPS=5)
+    _, history = run_training(part1, tmp_path / "model.pt", settings)
+    assert [row["step"] for row in history] == [2, 4, 5]
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["step"] == 5
+
+
+def test_stop_after_ends_there(part1, tmp_path):
+    """stop_after ends training after exactly that many steps, and the checkpoint records the last of them."""
+    settings = train_settings(part1, EVAL_EVERY=1)
+    _, history = run_training(part1, tmp_path / "model.pt", settings, stop_after=3)
+    assert [row["step"] for row in history] == [1, 2, 3]
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["step"] == 3
+
+
+def test_training_time_adds_up_over_resume(part1, tmp_path):
+    """Each history row records the training seconds so far, and a resumed run adds its own to the saved ones."""
+    settings = train_settings(part1)
+    run_training(part1, tmp_path / "model.pt", settings, stop_after=4)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["train_time_s"]
+    _, history = run_training(part1, tmp_path / "model.pt", settings)
+    times = [row["train_time_s"] for row in history]
+    assert times[0] > 0
+    assert times[1] == saved
+    assert times[2] > saved
+
+
+class SteppingClock:
+    """The time module, except that perf_counter advances by one second at each reading."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_training_log_rates_per_interval(part1, tmp_path, monkeypatch):
+    """The log's ms/step and tokens/s divide each interval's seconds by that interval's steps and tokens alone."""
+    monkeypatch.setattr(part1, "time", SteppingClock())      # each interval of 2 steps then takes 1 s
+    settings = train_settings(part1)
+    torch.manual_seed(0)
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
+    lines = []
+    part1.train_model("MyLSTM", model, batcher, torch.randint(17, (40,)), settings, tmp_path / "m.pt",
+                      log=lines.append)
+    assert len(lines) == 3
+    for line in lines:
+        assert line.endswith("|    500 ms/step |       30 tokens/s"), line
+
+
 class RecordingFunctional:
     """A stand-in for torch.nn.functional whose cross_entropy records the loss and targets of each training call.
 
@@ -1417,6 +1534,30 @@ def test_full_disk_keeps_earlier_results(part1, tmp_path):
                             "reuses the trained models.")
     assert path.read_text() == '{"earlier": true}'
     assert list(path.parent.iterdir()) == [path]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+def test_full_disk_behind_other_error_named(part1, tmp_path):
+    """A writer that raises another error while handling the full disk's OSError, as torch.save and matplotlib's
+    PDF writer can, still gets the full-disk advice, and the earlier file stays."""
+    path = tmp_path / "results" / "part1_smoke.json"
+    path.parent.mkdir()
+    path.write_text('{"earlier": true}')
+
+    def write(file):
+        try:
+            with open("/dev/full", "wb") as full:
+                full.write(b"true}")
+        except OSError:
+            # Chained through __context__ only, as torch.save's RuntimeError is.
+            raise RuntimeError("file write failed")  # noqa: B904
+
+    with pytest.raises(OSError) as error:
+        part1.write_report_file(path, write)
+    message = str(error.value)
+    assert message.startswith(f"writing {path} failed (No space left on device); ")
+    assert f"free in {path.parent}. Free disk space there, or set REPORT_DIR to another folder." in message
+    assert path.read_text() == '{"earlier": true}'
 
 
 @pytest.mark.parametrize("blocked", ["results.json", "results.json.partial"])
@@ -1598,6 +1739,24 @@ def test_file_size_limit_is_named(repo_root, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir() if path.suffix in (".pt", ".tmp")) == []
 
 
+ADVICE_UNDER_LIMIT_SCRIPT = """
+import resource, sys
+from tools.nbdefs import load_definitions
+part1 = load_definitions("part1_lstm.ipynb", env={"PROFILE": "smoke", "DATA_DIR": sys.argv[1],
+                                                  "REPORT_DIR": sys.argv[1], "CHECKPOINT_DIR": sys.argv[1]})
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**15, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+print(part1.write_failure_advice(sys.argv[1], None)[1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file-size limits as on Linux")
+def test_file_size_limit_named_without_errno(repo_root, tmp_path):
+    """A failed write that carried no error number names a file-size limit first, ahead of disk space."""
+    completed = subprocess.run([sys.executable, "-c", ADVICE_UNDER_LIMIT_SCRIPT, str(tmp_path)], cwd=repo_root,
+                               capture_output=True, text=True, check=True)
+    assert completed.stdout.strip() == "Raise that limit"
+
+
 def test_same_seed_gives_identical_training(part1, tmp_path):
     settings = train_settings(part1)
     _, first = run_training(part1, tmp_path / "a.pt", settings)
@@ -1634,6 +1793,14 @@ def test_checkpoint_with_other_history_rejected(part1, tmp_path, changes):
     [(name, value)] = changes.items()
     saved = train_settings(part1)[name]
     assert f"was written with other settings (saved, now): {{{name!r}: ({saved!r}, {value!r})}}" in str(error.value)
+
+
+def test_checkpoint_with_other_steps_rejected(part1, tmp_path):
+    """A checkpoint trained toward another TRAIN_STEPS followed another learning-rate schedule, so it is rejected."""
+    run_training(part1, tmp_path / "model.pt", train_settings(part1), stop_after=4)
+    with pytest.raises(ValueError) as error:
+        run_training(part1, tmp_path / "model.pt", train_settings(part1, TRAIN_STEPS=8))
+    assert "was written with other settings (saved, now): {'TRAIN_STEPS': (6, 8)}" in str(error.value)
 
 
 def test_checkpoint_before_history_settings_named(part1, tmp_path):
@@ -1673,6 +1840,17 @@ def test_checkpoint_in_other_precision_is_rejected(part1, tmp_path):
     assert "set MIXED_PRECISION=0 to reuse it" in str(error.value)
 
 
+def test_bfloat16_checkpoint_keeps_its_precision(part1, tmp_path):
+    """A checkpoint trained with MIXED_PRECISION on resumes with it on and is rejected with it off."""
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1, MIXED_PRECISION=True), stop_after=4)
+    with pytest.raises(ValueError) as error:
+        run_training(part1, path, train_settings(part1, MIXED_PRECISION=False))
+    assert "set MIXED_PRECISION=1 to reuse it" in str(error.value)
+    _, history = run_training(part1, path, train_settings(part1, MIXED_PRECISION=True))
+    assert [row["step"] for row in history] == [2, 4, 6]
+
+
 def test_checkpoint_before_mixed_precision_reads_as_float32(part1, tmp_path):
     path = tmp_path / "model.pt"
     trained, _ = run_training(part1, path, train_settings(part1))
@@ -1697,6 +1875,20 @@ def test_repeated_force_retrain_keeps_every_backup(part1, tmp_path):
     assert any(path.read_bytes() == first for path in backups), "the first finished run is still there"
 
 
+def test_backups_in_one_second_all_kept(part1, tmp_path, monkeypatch):
+    """Three FORCE_RETRAIN runs within one second keep each replaced checkpoint under its own numbered name."""
+    monkeypatch.setattr(part1.time, "strftime", lambda format: "20260101-120000")
+    run_training(part1, tmp_path / "model.pt", train_settings(part1))
+    replaced = [(tmp_path / "model.pt").read_bytes()]
+    for learning_rate in (1e-2, 2e-2, 3e-2):
+        run_training(part1, tmp_path / "model.pt", train_settings(part1, LEARNING_RATE=learning_rate,
+                                                                   FORCE_RETRAIN=True))
+        replaced.append((tmp_path / "model.pt").read_bytes())
+    names = ["model.pt.20260101-120000.old", "model.pt.20260101-120000-2.old", "model.pt.20260101-120000-3.old"]
+    assert sorted(path.name for path in tmp_path.glob("model.pt.*.old")) == sorted(names)
+    assert [(tmp_path / name).read_bytes() for name in names] == replaced[:3]
+
+
 def test_checkpoint_from_other_data_is_rejected(part1, tmp_path):
     settings = train_settings(part1)
     torch.manual_seed(0)
@@ -1710,6 +1902,23 @@ def test_checkpoint_from_other_data_is_rejected(part1, tmp_path):
                           data_fingerprint={"train_sha256": "bb", "vocabulary": 17})
     assert "DATA_DIR" in str(error.value)
     assert "FORCE_RETRAIN" in str(error.value)
+
+
+@pytest.mark.parametrize("saved, now", [(None, {"train_sha256": "aa", "vocabulary": 17}),
+                                        ({"train_sha256": "aa", "vocabulary": 17}, None)])
+def test_checkpoint_without_fingerprint_rejected(part1, tmp_path, saved, now):
+    """A checkpoint that records no data is not reused for a run that names its data, nor the other way round."""
+    settings = train_settings(part1)
+    torch.manual_seed(0)
+    model = part1.MyLSTM(17, 4, 6, 0.0)
+    batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
+    valid = torch.randint(17, (40,))
+    part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
+                      data_fingerprint=saved)
+    with pytest.raises(ValueError) as error:
+        part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
+                          data_fingerprint=now)
+    assert f"was trained on other data (saved {saved}, now {now})" in str(error.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"hello\n", b"t", None])
@@ -1764,6 +1973,19 @@ def test_flipped_checkpoint_bit_rejected(part1, tmp_path):
         run_training(part1, path, train_settings(part1))
     assert str(error.value).startswith(f"checkpoint {path} is damaged: its record {record} fails its CRC-32 check")
     assert "FORCE_RETRAIN" in str(error.value)
+
+
+def test_flipped_bit_beside_empty_tensor_rejected(part1, tmp_path):
+    """An empty tensor's record has a CRC-32 of 0, as in a file saved without checksums, and the other records
+    are checked all the same."""
+    path = tmp_path / "model.pt"
+    part1.save_checkpoint(path, {"empty": torch.zeros(0), "weights": torch.arange(64.0)})
+    with zipfile.ZipFile(path) as archive:
+        [record] = [info.filename for info in archive.infolist() if "/data/" in info.filename and info.file_size]
+    flip_byte_in_record(path, record)
+    with pytest.raises(ValueError) as error:
+        part1.load_checkpoint(path, train_settings(part1))
+    assert str(error.value).startswith(f"checkpoint {path} is damaged: its record {record} fails its CRC-32 check")
 
 
 def test_checkpoint_without_checksums_loads(part1, tmp_path):
@@ -1878,6 +2100,19 @@ def test_foreign_checkpoint_names_file(part1, tmp_path, content):
         run_training(part1, path, train_settings(part1))
     assert str(path) in str(error.value)
     assert "FORCE_RETRAIN" in str(error.value)
+
+
+@pytest.mark.parametrize("missing", ["optimizer", "step", "history", "train_time_s", "rng", "settings"])
+def test_incomplete_checkpoint_names_file(part1, tmp_path, missing):
+    """A training checkpoint that lacks one of its parts is rejected by name, before training reads that part."""
+    path = tmp_path / "model.pt"
+    run_training(part1, path, train_settings(part1), stop_after=4)
+    state = torch.load(path, weights_only=True)
+    del state[missing]
+    torch.save(state, path)
+    with pytest.raises(ValueError) as error:
+        run_training(part1, path, train_settings(part1))
+    assert str(error.value).startswith(f"checkpoint {path} is not one of this notebook's training checkpoints")
 
 
 def test_other_model_checkpoint_names_file(part1, tmp_path):
@@ -2185,6 +2420,16 @@ def test_results_record_this_cpu(part1, this_cpu):
 
 
 
+@pytest.mark.skipif(not sys.platform.startswith(("linux", "darwin")), reason="getrusage as on Linux and macOS")
+def test_peak_memory_reported_in_mib(part1):
+    """Linux reports peak memory in KiB, so with PyTorch loaded the peak is hundreds of MiB, below the machine's
+    total."""
+    machine_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    peak = part1.peak_memory_mib()
+    assert peak > 100
+    assert peak < machine_mib
+
+
 @pytest.mark.parametrize("name", ["MyLSTM", "MyLSTM_att", "TorchLSTM"])
 def test_word_ids_checked_for_shape_and_range(part1, name):
     torch.manual_seed(0)
@@ -2365,6 +2610,66 @@ def test_unreadable_ptb_address_named(part1, tmp_path, monkeypatch, serve_raw):
     assert not (tmp_path / "data").exists()
 
 
+def steady_slow_reply(connection, stopping):
+    """A reply of 6,000 bytes whose body arrives at about 600 bytes per second, 60 bytes every 100 ms."""
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6000\r\n\r\n")
+    for _ in range(100):
+        if stopping.is_set():
+            return
+        connection.sendall(b"x" * 60)
+        time.sleep(0.1)
+
+
+def test_download_below_rate_fails(part1, tmp_path, monkeypatch, serve_raw):
+    """A reply that arrives at 600 bytes per second fails where DOWNLOAD_MIN_RATE asks for 1,000 bytes per second
+    over each window of DOWNLOAD_TIMEOUT_S seconds, although each window brings more than 1,000 bytes."""
+    monkeypatch.setattr(part1, "DOWNLOAD_TIMEOUT_S", 3)
+    monkeypatch.setattr(part1, "DOWNLOAD_MIN_RATE", 1000)
+    with open(tmp_path / "download", "wb") as file, pytest.raises(TimeoutError) as error:
+        part1.download_into(serve_raw(steady_slow_reply) + "/file", file, 6000)
+    assert re.fullmatch(r"[\d,]+ bytes arrived in the last 3 s, fewer than DOWNLOAD_MIN_RATE \(1,000 bytes per "
+                        r"second\) allows", str(error.value))
+
+
+@pytest.mark.parametrize("sent", [60, 100])
+def test_reply_cut_short_named(part1, tmp_path, serve_raw, sent):
+    """A reply that closes before the length its headers announce fails, also where it closes after exactly the
+    size the caller expects."""
+    def cut_short(connection, stopping):
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 110\r\n\r\n" + b"x" * sent)
+
+    with open(tmp_path / "download", "wb") as file, pytest.raises(ConnectionError) as error:
+        part1.download_into(serve_raw(cut_short) + "/file", file, 100)
+    assert str(error.value) == (f"the connection closed after {sent} bytes, {110 - sent} bytes before the end that "
+                                f"the server announced")
+
+
+def test_ptb_redirect_to_ftp_rejected(part1, tmp_path, serve_raw):
+    """urllib follows a redirect to ftp, where the checks of the reply would not apply, so download_into does not."""
+    def to_ftp(connection, stopping):
+        connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1:9/file\r\nContent-Length: 0\r\n\r\n")
+
+    with open(tmp_path / "download", "wb") as file, pytest.raises(OSError) as error:
+        part1.download_into(serve_raw(to_ftp) + "/file", file, 100)
+    assert str(error.value) == ("HTTP Error 302: a redirect to ftp://127.0.0.1:9/file, which is not an http or https "
+                                "address")
+
+
+def test_redirect_chain_stops_after_three(part1, tmp_path, serve_raw):
+    """download_into follows three redirects, each to a new address, and fails at the fourth."""
+    requests = []
+
+    def redirect_again(connection, stopping):
+        requests.append(1)
+        location = f"/moved{len(requests)}".encode()
+        connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + location + b"\r\nContent-Length: 0\r\n\r\n")
+
+    with open(tmp_path / "download", "wb") as file, pytest.raises(OSError) as error:
+        part1.download_into(serve_raw(redirect_again) + "/file", file, 100)
+    assert len(requests) == 4
+    assert "HTTP Error 302" in str(error.value)
+
+
 def test_interrupted_download_check_cleans_up(part1, real_data, tmp_path, monkeypatch, serve_folder):
     """Ctrl-C after the transfer, while the file's SHA-256 is taken, also leaves no partial file or folder."""
     def interrupted(path):
@@ -2391,6 +2696,18 @@ def test_fetch_data_returns_words(part1, tmp_path, monkeypatch):
     monkeypatch.setattr(part1, "DATA_PATH", tmp_path)
     paths, words, _ = part1.fetch_data()
     assert words["test"] == part1.read_words(paths["test"])
+
+
+def test_fetch_data_honours_download_off(part1, tmp_path, monkeypatch, serve_folder):
+    """With DOWNLOAD off, fetch_data names the missing files and sends no request to the server."""
+    (tmp_path / "server").mkdir()
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(tmp_path / "server") + "/{name}")
+    monkeypatch.setattr(part1, "DATA_PATH", tmp_path / "data")
+    monkeypatch.setattr(part1, "DOWNLOAD", False)
+    with pytest.raises(FileNotFoundError) as error:
+        part1.fetch_data()
+    assert str(error.value).startswith(f"Penn Treebank files missing in {(tmp_path / 'data' / 'ptb').resolve()}: ")
+    assert serve_folder.user_agents == []
 
 
 def test_data_dir_file_rejected(repo_root, tmp_path):
