@@ -1586,6 +1586,76 @@ def test_interrupt_in_report_write_passes(part1, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def record_syncs(monkeypatch):
+    """Make os.fsync record the inode and size of each file it syncs, then sync it; return the list of records."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor):
+        status = os.fstat(descriptor)
+        synced.append((status.st_ino, status.st_size))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def identity(path):
+    """Return the inode and size of the file `path`, as record_syncs records them."""
+    status = path.stat()
+    return status.st_ino, status.st_size
+
+
+def test_report_file_synced_in_full(part1, tmp_path, monkeypatch):
+    """The results file is synced to the disk with all its bytes before it takes its name."""
+    synced = record_syncs(monkeypatch)
+    path = tmp_path / "results.json"
+    part1.write_report_file(path, lambda file: file.write(b'{"perplexity": 123.4}'))
+    assert identity(path) in synced
+
+
+def test_checkpoint_synced_in_full(part1, tmp_path, monkeypatch):
+    """A checkpoint is synced to the disk with all its bytes before it takes its name."""
+    synced = record_syncs(monkeypatch)
+    path = tmp_path / "m.pt"
+    part1.save_checkpoint(path, {"weights": torch.arange(1000.0)})
+    assert identity(path) in synced
+
+
+def test_ptb_download_synced_in_full(part1, real_data, tmp_path, monkeypatch, serve_folder):
+    """Each downloaded Penn Treebank file is synced to the disk with all its bytes before it takes its name."""
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb") + "/{name}")
+    synced = record_syncs(monkeypatch)
+    paths, _ = part1.ensure_ptb(tmp_path / "ptb", download=True)
+    assert sorted(synced) == sorted(identity(path) for path in paths.values())
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_file_system_without_sync_passes(part1, tmp_path, monkeypatch, code):
+    """Where the file system cannot sync, the results file is still written."""
+    def fsync(descriptor):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "results.json"
+    part1.write_report_file(path, lambda file: file.write(b"{}"))
+    assert path.read_bytes() == b"{}"
+
+
+def test_failed_sync_keeps_earlier_file(part1, tmp_path, monkeypatch):
+    """A sync that fails with an I/O error fails the write and leaves the earlier results file as it was."""
+    path = tmp_path / "results.json"
+    path.write_text('{"earlier": true}')
+
+    def fsync(descriptor):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=r"^writing .*results\.json failed \(Input/output error\)"):
+        part1.write_report_file(path, lambda file: file.write(b'{"later": true}'))
+    assert path.read_text() == '{"earlier": true}'
+
+
 def test_report_write_waits_for_lock(part1, tmp_path):
     path = tmp_path / "results.json"
     with part1.locked_folder(tmp_path):

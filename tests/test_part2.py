@@ -34,8 +34,10 @@ from test_part1 import (
     allocation_failure,
     first_tensor_record,
     flip_byte_in_record,
+    identity,
     opener_denying,
     opener_onto_full_disk,
+    record_syncs,
     run_in_thread,
     save_onto_full_disk,
 )
@@ -1191,7 +1193,8 @@ def test_http_error_closes_socket(nb, tmp_path, serve_folder):
 
 
 SHARED_DOWNLOAD_CODE = ("download_timeout", "CheckedReader", "CheckedResponse", "WebRedirects", "checked_opener",
-                        "missing_folders", "remove_empty_folders", "locked_folder", "error_text", "open_new_file")
+                        "missing_folders", "remove_empty_folders", "locked_folder", "error_text", "open_new_file",
+                        "sync_file")
 
 
 def test_download_code_same_in_notebooks(repo_root):
@@ -1216,6 +1219,15 @@ def test_mnist_download_from_mirror(nb, tmp_path, monkeypatch, serve_folder):
     mnist = nb.load_mnist(tmp_path / "data", download=True)
     assert torch.equal(mnist.train_images, expected.train_images)
     assert torch.equal(mnist.test_labels, expected.test_labels)
+
+
+def test_mnist_files_synced_in_full(nb, tmp_path, monkeypatch, serve_folder):
+    """Each downloaded MNIST archive and each unpacked file is synced with all its bytes before it takes its name."""
+    serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    synced = record_syncs(monkeypatch)
+    nb.load_mnist(tmp_path / "data", download=True)
+    raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
+    assert sorted(synced) == sorted(identity(path) for path in raw.iterdir())
 
 
 def test_mnist_download_over_https(nb, tmp_path, monkeypatch, serve_folder):
@@ -2099,6 +2111,22 @@ def test_flipped_checkpoint_bit_rejected(tiny_run):
         tiny_run.train_cyclegan("run", 11, 2)
     assert str(error.value).startswith(f"checkpoint {checkpoint} is damaged: its record {record} fails its CRC-32 "
                                        f"check")
+
+
+def test_checkpoint_synced_in_full(nb, tmp_path, monkeypatch):
+    """A checkpoint is synced to the disk with all its bytes before it takes its name."""
+    synced = record_syncs(monkeypatch)
+    path = tmp_path / "run.pt"
+    nb.save_checkpoint(path, {"config": {"run": 1}, "weights": torch.arange(1000.0)})
+    assert identity(path) in synced
+
+
+def test_report_file_synced_in_full(nb, tmp_path, monkeypatch):
+    """The results file is synced to the disk with all its bytes before it takes its name."""
+    synced = record_syncs(monkeypatch)
+    path = tmp_path / "results.json"
+    nb.write_report_file(path, lambda file: file.write(b'{"accuracy": 0.9}'))
+    assert identity(path) in synced
 
 
 def test_damaged_record_beside_empty_one_rejected(nb, tmp_path):
