@@ -231,19 +231,24 @@ def test_folder_in_way_keeps_results(nb):
     assert len(nb.write_results({"run": "this"})) == 2 * len(pngs), "a rerun of the cell publishes them"
 
 
+def deny_files_in(folder, monkeypatch):
+    """Make tempfile.mkstemp, with which check_writable probes a folder, fail with EACCES in `folder`."""
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_unwritable_figures_keep_results(nb, monkeypatch):
     """Where FIGURE_DIR can no longer be written, the earlier results file stays beside the earlier figures."""
     write_earlier_run(nb)
     pngs = save_figures(nb)
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if Path(dir) == nb.FIGURE_DIR:
-            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    deny_files_in(nb.FIGURE_DIR, monkeypatch)
     with pytest.raises(OSError) as error:
         nb.write_results({"run": "this"})
     assert str(error.value).startswith(f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); this "
@@ -259,14 +264,7 @@ def test_unwritable_results_folder_keeps_figures(nb, monkeypatch):
     results file stays beside the earlier figures."""
     earlier = write_earlier_run(nb)
     pngs = save_figures(nb)
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if Path(dir) == nb.RESULTS_PATH.parent:
-            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    deny_files_in(nb.RESULTS_PATH.parent, monkeypatch)
     with pytest.raises(OSError) as error:
         nb.write_results({"run": "this"})
     assert str(error.value).startswith(f"cannot write to {nb.RESULTS_PATH.parent} (PermissionError: Permission "
@@ -355,14 +353,7 @@ def test_other_runs_probe_kept(nb):
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_unwritable_output_folder_named(nb, monkeypatch):
     """An output folder where no file can be created stops the run at its start, naming the folder and setting."""
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if Path(dir) == nb.FIGURE_DIR:
-            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    deny_files_in(nb.FIGURE_DIR, monkeypatch)
     with pytest.raises(OSError) as error:
         nb.check_output_folders({nb.FIGURE_DIR: "REPORT_DIR"})
     assert str(error.value) == (f"cannot write to {nb.FIGURE_DIR} (PermissionError: Permission denied); set "

@@ -1959,17 +1959,22 @@ def test_backups_in_one_second_all_kept(part1, tmp_path, monkeypatch):
     assert [(tmp_path / name).read_bytes() for name in names] == replaced[:3]
 
 
-def test_checkpoint_from_other_data_is_rejected(part1, tmp_path):
+def train_twice_on(part1, path, first, second):
+    """Train a tiny MyLSTM into the checkpoint `path` with the data fingerprint `first`, then again with `second`."""
     settings = train_settings(part1)
     torch.manual_seed(0)
     model = part1.MyLSTM(17, 4, 6, 0.0)
     batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
     valid = torch.randint(17, (40,))
-    part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
-                      data_fingerprint={"train_sha256": "aa", "vocabulary": 17})
+    for fingerprint in (first, second):
+        part1.train_model("MyLSTM", model, batcher, valid, settings, path, log=lambda *args: None,
+                          data_fingerprint=fingerprint)
+
+
+def test_checkpoint_from_other_data_is_rejected(part1, tmp_path):
     with pytest.raises(ValueError, match="other data") as error:
-        part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
-                          data_fingerprint={"train_sha256": "bb", "vocabulary": 17})
+        train_twice_on(part1, tmp_path / "m.pt", {"train_sha256": "aa", "vocabulary": 17},
+                       {"train_sha256": "bb", "vocabulary": 17})
     assert "DATA_DIR" in str(error.value)
     assert "FORCE_RETRAIN" in str(error.value)
 
@@ -1978,16 +1983,8 @@ def test_checkpoint_from_other_data_is_rejected(part1, tmp_path):
                                         ({"train_sha256": "aa", "vocabulary": 17}, None)])
 def test_checkpoint_without_fingerprint_rejected(part1, tmp_path, saved, now):
     """A checkpoint that records no data is not reused for a run that names its data, nor the other way round."""
-    settings = train_settings(part1)
-    torch.manual_seed(0)
-    model = part1.MyLSTM(17, 4, 6, 0.0)
-    batcher = part1.WindowBatcher(torch.randint(17, (300,)), 5, 3, 0)
-    valid = torch.randint(17, (40,))
-    part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
-                      data_fingerprint=saved)
     with pytest.raises(ValueError) as error:
-        part1.train_model("MyLSTM", model, batcher, valid, settings, tmp_path / "m.pt", log=lambda *args: None,
-                          data_fingerprint=now)
+        train_twice_on(part1, tmp_path / "m.pt", saved, now)
     assert f"was trained on other data (saved {saved}, now {now})" in str(error.value)
 
 

@@ -1761,14 +1761,9 @@ def test_same_seed_gives_identical_run(tiny_run, tmp_path):
     assert first.checks == second.checks
 
 
-def test_pretraining_timed_apart(tiny_run, monkeypatch):
-    """ms_per_iteration divides train_time_s by the GAN iterations, so the pretraining's time is kept apart."""
+def frozen_clock(tiny_run, monkeypatch):
+    """Give the notebook a time.monotonic that returns clock["now"], which only the test moves; return clock."""
     clock = {"now": 0.0}
-    pretrain = tiny_run.pretrain_discriminators
-
-    def slow_pretrain(*args):
-        pretrain(*args)
-        clock["now"] += 100.0           # the only time that passes on this clock
 
     class FrozenTime:
         def __getattr__(self, name):
@@ -1778,6 +1773,18 @@ def test_pretraining_timed_apart(tiny_run, monkeypatch):
             return clock["now"]
 
     monkeypatch.setattr(tiny_run, "time", FrozenTime())
+    return clock
+
+
+def test_pretraining_timed_apart(tiny_run, monkeypatch):
+    """ms_per_iteration divides train_time_s by the GAN iterations, so the pretraining's time is kept apart."""
+    clock = frozen_clock(tiny_run, monkeypatch)
+    pretrain = tiny_run.pretrain_discriminators
+
+    def slow_pretrain(*args):
+        pretrain(*args)
+        clock["now"] += 100.0           # the only time that passes on this clock
+
     monkeypatch.setattr(tiny_run, "pretrain_discriminators", slow_pretrain)
     _, record = tiny_run.train_cyclegan("run", 11, 2)
     assert record.pretrain_time_s == 100.0
@@ -1847,7 +1854,8 @@ def test_most_common_digit_and_share(nb):
     assert nb.most_common_digit(labels) == {"digit": 1, "share": 0.375}
 
 
-def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
+def reference_and_resumed_runs(tiny_run, monkeypatch):
+    """Return the records of a run left alone and of one stopped by a Ctrl-C in iteration 3, then resumed."""
     _, reference = tiny_run.train_cyclegan("reference", 11, 2)
     original = tiny_run.train_iteration
     calls = []
@@ -1863,26 +1871,17 @@ def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
         tiny_run.train_cyclegan("resumed", 11, 2)
     monkeypatch.setattr(tiny_run, "train_iteration", original)
     _, resumed = tiny_run.train_cyclegan("resumed", 11, 2)  # from the checkpoint at iteration 2
+    return reference, resumed
+
+
+def test_interrupted_run_resumes_identically(tiny_run, monkeypatch):
+    reference, resumed = reference_and_resumed_runs(tiny_run, monkeypatch)
     assert resumed.losses == reference.losses
 
 
 def test_resumed_run_keeps_checks_once(tiny_run, monkeypatch):
     """A run resumed at a check's iteration runs that check only once, so its checks match an uninterrupted run's."""
-    _, reference = tiny_run.train_cyclegan("reference", 11, 2)
-    original = tiny_run.train_iteration
-    calls = []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(tiny_run, "train_iteration", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        tiny_run.train_cyclegan("resumed", 11, 2)
-    monkeypatch.setattr(tiny_run, "train_iteration", original)
-    _, resumed = tiny_run.train_cyclegan("resumed", 11, 2)  # from the checkpoint at iteration 2
+    reference, resumed = reference_and_resumed_runs(tiny_run, monkeypatch)
     assert [check["step"] for check in resumed.checks] == [0, 2, 4]
     assert resumed.checks == reference.checks
     assert [sample["step"] for sample in resumed.samples] == [0, 2, 4]
@@ -1911,7 +1910,7 @@ def test_iterations_use_scheduled_learning_rate(tiny_run, monkeypatch):
 
 def test_train_time_adds_every_interval(tiny_run, monkeypatch):
     """train_time_s sums every logged interval, across a resume too, so ms_per_iteration averages the whole run."""
-    clock = {"now": 0.0}
+    clock = frozen_clock(tiny_run, monkeypatch)
     original = tiny_run.train_iteration
     calls = []
 
@@ -1922,14 +1921,6 @@ def test_train_time_adds_every_interval(tiny_run, monkeypatch):
         clock["now"] += 1.0             # the only time that passes on this clock
         return original(*args)
 
-    class FrozenTime:
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        def monotonic(self):
-            return clock["now"]
-
-    monkeypatch.setattr(tiny_run, "time", FrozenTime())
     monkeypatch.setattr(tiny_run, "train_iteration", one_second_iteration)
     with pytest.raises(KeyboardInterrupt):
         tiny_run.train_cyclegan("run", 11, 2)
