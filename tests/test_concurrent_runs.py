@@ -202,6 +202,21 @@ def test_rerun_last_cell_keeps_figures(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
+def test_figure_replaced_by_link_stops_rerun(nb, tmp_path):
+    """A published figure moved away and linked back from its name counts as replaced, since the link is not it."""
+    pngs = save_figures(nb)
+    nb.write_results({"run": "this"})
+    published = nb.FIGURE_DIR / pngs[0].name
+    moved = tmp_path / "moved.png"
+    published.replace(moved)
+    published.symlink_to(moved)
+    with pytest.raises(FileNotFoundError) as error:
+        nb.write_results({"run": "this, again"})
+    assert str(error.value).startswith(f"{published}, which this kernel published, has been replaced or removed "
+                                       f"since, ")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_replaced_figure_stops_rerun(nb):
     """Once another run has published its figures, a rerun of this run's last cell writes no results."""
     pngs = save_figures(nb)

@@ -1258,6 +1258,16 @@ def python_memory_error(*args, **kwargs):
     raise MemoryError
 
 
+def test_out_of_memory_in_save_passes(part1, tmp_path, monkeypatch):
+    """PyTorch's out-of-memory error while a checkpoint is saved passes as itself, not as a failed write."""
+    path = tmp_path / "model.pt"
+    part1.save_checkpoint(path, {"step": torch.tensor(1)})
+    monkeypatch.setattr(part1.torch, "save", allocation_failure)
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator: can't allocate memory"):
+        part1.save_checkpoint(path, {"step": torch.tensor(2)})
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
 def test_python_memory_error_on_load_passes(part1, tmp_path, monkeypatch):
     """Python's MemoryError while a checkpoint loads passes unchanged, not as a ValueError that calls it unreadable."""
     path = tmp_path / "model.pt"
@@ -1301,14 +1311,14 @@ def train_settings(part1, **changes):
     return settings
 
 
-def run_training(part1, checkpoint, settings, stop_after=None, name="MyLSTM_att", seed=0):
+def run_training(part1, checkpoint, settings, stop_after=None, name="MyLSTM_att", seed=0, log=lambda *args: None):
     torch.manual_seed(seed)
     model = part1.MODEL_CLASSES[name](17, settings["EMBED_SIZE"], settings["HIDDEN_SIZE"], 0.3)
     generator = torch.Generator().manual_seed(5)
     train_ids, valid_ids = torch.randint(17, (300,), generator=generator), torch.randint(17, (40,), generator=generator)
     batcher = part1.WindowBatcher(train_ids, settings["WINDOW"], settings["BATCH_SIZE"], settings["SEED"])
     history, _ = part1.train_model(name, model, batcher, valid_ids, settings, checkpoint, stop_after=stop_after,
-                                   log=lambda *args: None)
+                                   log=log)
     return model, history
 
 
@@ -2345,6 +2355,28 @@ def test_validation_out_of_memory_resumes_identically(part1, tmp_path, monkeypat
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
     assert "pending_validation" not in torch.load(tmp_path / "resumed.pt", weights_only=True)
+
+
+def test_pending_last_validation_logged_as_resume(part1, tmp_path, monkeypatch):
+    """A checkpoint of the last step whose validation ran out of memory is logged as resumed, not as finished."""
+    settings = train_settings(part1)
+    path = tmp_path / "model.pt"
+    original = part1.evaluate
+    calls = []
+
+    def fails_last(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:                # the validation after step 6, the last
+            raise MemoryError("evaluation ran out of CPU memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(part1, "evaluate", fails_last)
+    with pytest.raises(MemoryError):
+        run_training(part1, path, settings)
+    monkeypatch.setattr(part1, "evaluate", original)
+    lines = []
+    run_training(part1, path, settings, log=lines.append)
+    assert lines[0] == f"MyLSTM_att: resuming checkpoint {path} at step 6"
 
 
 # Messages of failed allocations and of another error, with whether is_out_of_memory must accept them.

@@ -2104,6 +2104,16 @@ def test_flipped_checkpoint_bit_rejected(tiny_run):
                                        f"check")
 
 
+def test_out_of_memory_in_save_passes(nb, tmp_path, monkeypatch):
+    """PyTorch's out-of-memory error while a checkpoint is saved passes as itself, not as a failed write."""
+    path = tmp_path / "run.pt"
+    nb.save_checkpoint(path, {"config": {"run": 1}})
+    monkeypatch.setattr(nb.torch, "save", allocation_failure)
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator: can't allocate memory"):
+        nb.save_checkpoint(path, {"config": {"run": 2}})
+    assert torch.load(path, weights_only=True)["config"] == {"run": 1}
+
+
 def test_checkpoint_synced_in_full(nb, tmp_path, monkeypatch):
     """A checkpoint is synced to the disk with all its bytes before it takes its name."""
     synced = record_syncs(monkeypatch)
