@@ -203,7 +203,7 @@ def test_rerun_last_cell_keeps_figures(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, indirect=True)
 def test_figure_replaced_by_link_stops_rerun(nb, tmp_path):
-    """A published figure moved away and linked back from its name counts as replaced, since the link is not it."""
+    """A published figure moved away and linked back from its name counts as replaced: a link is not the figure."""
     pngs = save_figures(nb)
     nb.write_results({"run": "this"})
     published = nb.FIGURE_DIR / pngs[0].name

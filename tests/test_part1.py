@@ -1597,7 +1597,7 @@ def test_interrupt_in_report_write_passes(part1, tmp_path):
 
 
 def record_syncs(monkeypatch):
-    """Make os.fsync record the inode and size of each file it syncs, then sync it; return the list of records."""
+    """Make os.fsync record the inode and size of each file before it syncs the file, and return the list of records."""
     synced = []
     real_fsync = os.fsync
 
@@ -2720,7 +2720,7 @@ def steady_slow_reply(connection, stopping):
 
 
 def test_download_below_rate_fails(part1, tmp_path, monkeypatch, serve_raw):
-    """A reply that arrives at 600 bytes per second fails where DOWNLOAD_MIN_RATE asks for 1,000 bytes per second
+    """A reply that arrives at 600 bytes per second fails where DOWNLOAD_MIN_RATE requires 1,000 bytes per second
     over each window of DOWNLOAD_TIMEOUT_S seconds, although each window brings more than 1,000 bytes."""
     monkeypatch.setattr(part1, "DOWNLOAD_TIMEOUT_S", 3)
     monkeypatch.setattr(part1, "DOWNLOAD_MIN_RATE", 1000)

@@ -1762,7 +1762,7 @@ def test_same_seed_gives_identical_run(tiny_run, tmp_path):
 
 
 def frozen_clock(tiny_run, monkeypatch):
-    """Give the notebook a time.monotonic that returns clock["now"], which only the test moves; return clock."""
+    """Give the notebook a time.monotonic that returns clock["now"], which only the test moves, and return clock."""
     clock = {"now": 0.0}
 
     class FrozenTime:
@@ -2791,7 +2791,7 @@ def test_mnist_label_ten_rejected(nb, tmp_path):
 
 
 def test_mnist_file_with_extra_bytes_named(nb, tmp_path):
-    """An idx file longer than its header's count says is rejected with its name and both sizes."""
+    """An idx file longer than its header's count implies is rejected with its name and both sizes."""
     write_tiny_data(tmp_path, train=12, test=6)
     labels = tmp_path / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes() + b"\0")
@@ -3426,7 +3426,7 @@ def test_svhn_file_at_image_limit_loads(nb, tmp_path, monkeypatch):
 
 
 def test_svhn_file_without_images_rejected(nb, tmp_path):
-    """A file whose X and y hold no images is rejected with the counts, before any data is read."""
+    """A file whose X and y contain no images is rejected with the counts, before any data is read."""
     path = tmp_path / "train_32x32.mat"
     scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 0), np.uint8), "y": np.zeros((0, 1), np.uint8)})
     with pytest.raises(ValueError) as error:
