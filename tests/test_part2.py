@@ -2801,22 +2801,13 @@ def test_mnist_file_with_extra_bytes_named(nb, tmp_path):
     assert "its header counts 6 labels, 14 bytes with the header, but the file has 15 bytes" in str(error.value)
 
 
-def test_mnist_limits_apply_to_their_splits(nb, tmp_path):
+@pytest.mark.parametrize("loader", ["load_mnist", "load_svhn"])
+def test_limits_apply_to_their_splits(nb, tmp_path, loader):
     """TRAIN_LIMIT cuts the training split and TEST_LIMIT the test split, each to its first images."""
+    load = getattr(nb, loader)
     write_tiny_data(tmp_path, train=12, test=6)
-    full = nb.load_mnist(tmp_path, download=False)
-    limited = nb.load_mnist(tmp_path, train_limit=10, test_limit=4, download=False)
-    assert torch.equal(limited.train_images, full.train_images[:10])
-    assert torch.equal(limited.train_labels, full.train_labels[:10])
-    assert torch.equal(limited.test_images, full.test_images[:4])
-    assert torch.equal(limited.test_labels, full.test_labels[:4])
-
-
-def test_svhn_limits_apply_to_their_splits(nb, tmp_path):
-    """TRAIN_LIMIT cuts SVHN's training file and TEST_LIMIT its test file, each to its first images."""
-    write_tiny_data(tmp_path, train=12, test=6)
-    full = nb.load_svhn(tmp_path, download=False)
-    limited = nb.load_svhn(tmp_path, train_limit=10, test_limit=4, download=False)
+    full = load(tmp_path, download=False)
+    limited = load(tmp_path, train_limit=10, test_limit=4, download=False)
     assert torch.equal(limited.train_images, full.train_images[:10])
     assert torch.equal(limited.train_labels, full.train_labels[:10])
     assert torch.equal(limited.test_images, full.test_images[:4])
