@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1597,17 +1599,28 @@ def test_interrupt_in_report_write_passes(part1, tmp_path):
 
 
 def record_syncs(monkeypatch):
-    """Make os.fsync record the inode and size of each file before it syncs the file, and return the list of records."""
-    synced = []
+    """Make os.fsync record what it syncs before it syncs it, and return the records in the order of the syncs.
+
+    `files` holds the inode and size of each file. `folders` holds the inode of each folder and the names in it."""
+    synced = SimpleNamespace(files=[], folders=[])
     real_fsync = os.fsync
 
     def fsync(descriptor):
         status = os.fstat(descriptor)
-        synced.append((status.st_ino, status.st_size))
+        if stat.S_ISDIR(status.st_mode):
+            synced.folders.append((status.st_ino, set(os.listdir(descriptor))))
+        else:
+            synced.files.append((status.st_ino, status.st_size))
         real_fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", fsync)
     return synced
+
+
+def names_synced_in(synced, folder):
+    """Return every name that `folder` held at one of its syncs in the records of record_syncs."""
+    inode = folder.stat().st_ino
+    return set().union(*(names for number, names in synced.folders if number == inode))
 
 
 def identity(path):
@@ -1621,7 +1634,14 @@ def test_report_file_synced_in_full(part1, tmp_path, monkeypatch):
     synced = record_syncs(monkeypatch)
     path = tmp_path / "results.json"
     part1.write_report_file(path, lambda file: file.write(b'{"perplexity": 123.4}'))
-    assert identity(path) in synced
+    assert identity(path) in synced.files
+
+
+def test_report_file_name_synced(part1, tmp_path, monkeypatch):
+    """The results file's folder is synced once the file has its name, so that the rename outlasts a power cut."""
+    synced = record_syncs(monkeypatch)
+    part1.write_report_file(tmp_path / "results.json", lambda file: file.write(b"{}"))
+    assert "results.json" in names_synced_in(synced, tmp_path)
 
 
 def test_checkpoint_synced_in_full(part1, tmp_path, monkeypatch):
@@ -1629,7 +1649,14 @@ def test_checkpoint_synced_in_full(part1, tmp_path, monkeypatch):
     synced = record_syncs(monkeypatch)
     path = tmp_path / "m.pt"
     part1.save_checkpoint(path, {"weights": torch.arange(1000.0)})
-    assert identity(path) in synced
+    assert identity(path) in synced.files
+
+
+def test_checkpoint_name_synced(part1, tmp_path, monkeypatch):
+    """The checkpoint's folder is synced once the checkpoint has its name."""
+    synced = record_syncs(monkeypatch)
+    part1.save_checkpoint(tmp_path / "m.pt", {"weights": torch.arange(10.0)})
+    assert "m.pt" in names_synced_in(synced, tmp_path)
 
 
 def test_ptb_download_synced_in_full(part1, real_data, tmp_path, monkeypatch, serve_folder):
@@ -1637,7 +1664,16 @@ def test_ptb_download_synced_in_full(part1, real_data, tmp_path, monkeypatch, se
     monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb") + "/{name}")
     synced = record_syncs(monkeypatch)
     paths, _ = part1.ensure_ptb(tmp_path / "ptb", download=True)
-    assert sorted(synced) == sorted(identity(path) for path in paths.values())
+    assert sorted(synced.files) == sorted(identity(path) for path in paths.values())
+
+
+def test_ptb_download_names_synced(part1, real_data, tmp_path, monkeypatch, serve_folder):
+    """The Penn Treebank folder is synced once each downloaded file has its name."""
+    monkeypatch.setattr(part1, "PTB_URL", serve_folder(real_data / "ptb") + "/{name}")
+    synced = record_syncs(monkeypatch)
+    part1.ensure_ptb(tmp_path / "ptb", download=True)
+    files = list(part1.PTB_SHA256)
+    assert [sorted(names) for _, names in synced.folders] == [sorted(files[:count]) for count in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
@@ -1650,6 +1686,53 @@ def test_file_system_without_sync_passes(part1, tmp_path, monkeypatch, code):
     path = tmp_path / "results.json"
     part1.write_report_file(path, lambda file: file.write(b"{}"))
     assert path.read_bytes() == b"{}"
+
+
+def fail_folder_syncs(monkeypatch, code):
+    """Make os.fsync raise OSError `code` for folders, and sync files as before."""
+    real_fsync = os.fsync
+
+    def fsync(descriptor):
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_folder_without_sync_quiet(part1, tmp_path, monkeypatch, capsys, code):
+    """A file system that cannot sync a folder is passed over without a word."""
+    fail_folder_syncs(monkeypatch, code)
+    part1.write_report_file(tmp_path / "results.json", lambda file: file.write(b"{}"))
+    assert capsys.readouterr().out == ""
+
+
+def test_failed_folder_sync_warns(part1, tmp_path, monkeypatch, capsys):
+    """An I/O error in a folder's sync is named in a warning, since the file under its new name is whole."""
+    fail_folder_syncs(monkeypatch, errno.EIO)
+    part1.write_report_file(tmp_path / "results.json", lambda file: file.write(b"{}"))
+    assert capsys.readouterr().out == (f"WARNING: could not sync the folder {tmp_path} after a rename into it "
+                                       f"(Input/output error). Its new file is written in full, but after a power "
+                                       f"cut the file that had that name before, or none, could be there in its "
+                                       f"place.\n")
+
+
+def test_failed_folder_sync_keeps_file(part1, tmp_path, monkeypatch):
+    """The results file stays written when its folder's sync fails."""
+    fail_folder_syncs(monkeypatch, errno.EIO)
+    path = tmp_path / "results.json"
+    part1.write_report_file(path, lambda file: file.write(b'{"later": true}'))
+    assert path.read_bytes() == b'{"later": true}'
+
+
+def test_no_folder_sync_on_windows(part1, tmp_path, monkeypatch):
+    """Windows cannot open a folder, so sync_folder does not try."""
+    synced = record_syncs(monkeypatch)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "name", "nt")
+        part1.sync_folder(tmp_path)
+    assert synced.folders == []
 
 
 def test_failed_sync_keeps_earlier_file(part1, tmp_path, monkeypatch):
@@ -1712,6 +1795,19 @@ def test_figures_wait_for_results_file(part1, tmp_path, monkeypatch):
                                        for suffix in (".pdf", ".png")]
     assert (tmp_path / "part1_smoke_learning_curves.png").read_bytes().startswith(b"\x89PNG")
     assert len(list(tmp_path.iterdir())) == 2 * len(part1.FIGURE_NAMES), "the pending folder is gone"
+
+
+def test_published_figure_names_synced(part1, tmp_path, monkeypatch):
+    """FIGURE_DIR is synced once the published figures have their names there."""
+    monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
+    fig, ax = part1.plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    for name in part1.FIGURE_NAMES:
+        part1.save_figure(fig, name)
+    part1.plt.close(fig)
+    synced = record_syncs(monkeypatch)
+    published = part1.publish_figures()
+    assert {path.name for path in published} <= names_synced_in(synced, tmp_path)
 
 
 def test_interrupted_runs_figures_discarded(part1, tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from test_part1 import (
     first_tensor_record,
     flip_byte_in_record,
     identity,
+    names_synced_in,
     opener_denying,
     opener_onto_full_disk,
     record_syncs,
@@ -807,6 +808,19 @@ def test_figures_published_with_results(nb, tmp_path, monkeypatch):
     assert not png.parent.exists()
 
 
+def test_published_figure_names_synced(nb, tmp_path, monkeypatch):
+    """FIGURE_DIR is synced once the published figures have their names there."""
+    monkeypatch.setattr(nb, "FIGURE_DIR", tmp_path)
+    fig, ax = nb.plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    for name in nb.FIGURE_NAMES:
+        nb.save_figure(fig, name)
+    nb.plt.close(fig)
+    synced = record_syncs(monkeypatch)
+    published = nb.publish_figures()
+    assert {path.name for path in published} <= names_synced_in(synced, tmp_path)
+
+
 def test_stray_bytes_after_archive_counted(nb, tmp_path):
     write_tiny_data(tmp_path, train=12, test=6)
     raw = tmp_path / "mnist" / "MNIST" / "raw"
@@ -993,6 +1007,15 @@ def test_svhn_download_checked_and_loaded(nb, tmp_path, monkeypatch, serve_folde
                                                                                    "train_32x32.mat"]
     assert torch.equal(svhn.train_images, expected.train_images)
     assert torch.equal(svhn.test_labels, expected.test_labels)
+
+
+def test_svhn_download_names_synced(nb, tmp_path, monkeypatch, serve_folder):
+    """The SVHN folder is synced once each downloaded file has its name."""
+    serve_svhn_files(nb, tmp_path / "server", monkeypatch, serve_folder)
+    synced = record_syncs(monkeypatch)
+    nb.load_svhn(tmp_path / "data", download=True)
+    files = [filename for _, filename, _ in nb.SVHN_SOURCES.values()]
+    assert [sorted(names) for _, names in synced.folders] == [sorted(files[:count]) for count in (1, 2)]
 
 
 def test_svhn_download_wrong_md5_removed(nb, tmp_path, monkeypatch, serve_folder):
@@ -1194,7 +1217,7 @@ def test_http_error_closes_socket(nb, tmp_path, serve_folder):
 
 SHARED_DOWNLOAD_CODE = ("download_timeout", "CheckedReader", "CheckedResponse", "WebRedirects", "checked_opener",
                         "missing_folders", "remove_empty_folders", "locked_folder", "error_text", "open_new_file",
-                        "sync_file")
+                        "sync_file", "sync_folder")
 
 
 def test_download_code_same_in_notebooks(repo_root):
@@ -1227,7 +1250,20 @@ def test_mnist_files_synced_in_full(nb, tmp_path, monkeypatch, serve_folder):
     synced = record_syncs(monkeypatch)
     nb.load_mnist(tmp_path / "data", download=True)
     raw = tmp_path / "data" / "mnist" / "MNIST" / "raw"
-    assert sorted(synced) == sorted(identity(path) for path in raw.iterdir())
+    assert sorted(synced.files) == sorted(identity(path) for path in raw.iterdir())
+
+
+def test_mnist_names_synced(nb, tmp_path, monkeypatch, serve_folder):
+    """The MNIST folder is synced once each downloaded archive, and then its unpacked file, has its name."""
+    serve_mnist_archives(nb, tmp_path / "server", monkeypatch, serve_folder)
+    synced = record_syncs(monkeypatch)
+    nb.load_mnist(tmp_path / "data", download=True)
+    named, expected = [], []
+    for name in nb.MNIST_RAW_FILES:
+        for file in (f"{name}.gz", name):
+            named.append(file)
+            expected.append(sorted(named))
+    assert [sorted(names) for _, names in synced.folders] == expected
 
 
 def test_mnist_download_over_https(nb, tmp_path, monkeypatch, serve_folder):
@@ -2119,7 +2155,14 @@ def test_checkpoint_synced_in_full(nb, tmp_path, monkeypatch):
     synced = record_syncs(monkeypatch)
     path = tmp_path / "run.pt"
     nb.save_checkpoint(path, {"config": {"run": 1}, "weights": torch.arange(1000.0)})
-    assert identity(path) in synced
+    assert identity(path) in synced.files
+
+
+def test_checkpoint_name_synced(nb, tmp_path, monkeypatch):
+    """The checkpoint's folder is synced once the checkpoint has its name."""
+    synced = record_syncs(monkeypatch)
+    nb.save_checkpoint(tmp_path / "run.pt", {"config": {"run": 1}})
+    assert "run.pt" in names_synced_in(synced, tmp_path)
 
 
 def test_report_file_synced_in_full(nb, tmp_path, monkeypatch):
@@ -2127,7 +2170,14 @@ def test_report_file_synced_in_full(nb, tmp_path, monkeypatch):
     synced = record_syncs(monkeypatch)
     path = tmp_path / "results.json"
     nb.write_report_file(path, lambda file: file.write(b'{"accuracy": 0.9}'))
-    assert identity(path) in synced
+    assert identity(path) in synced.files
+
+
+def test_report_file_name_synced(nb, tmp_path, monkeypatch):
+    """The results file's folder is synced once the file has its name."""
+    synced = record_syncs(monkeypatch)
+    nb.write_report_file(tmp_path / "results.json", lambda file: file.write(b"{}"))
+    assert "results.json" in names_synced_in(synced, tmp_path)
 
 
 def test_damaged_record_beside_empty_one_rejected(nb, tmp_path):
