@@ -1797,17 +1797,25 @@ def test_figures_wait_for_results_file(part1, tmp_path, monkeypatch):
     assert len(list(tmp_path.iterdir())) == 2 * len(part1.FIGURE_NAMES), "the pending folder is gone"
 
 
+def publish_recording_syncs(notebook, folder, monkeypatch):
+    """Save every figure of `notebook` with FIGURE_DIR at `folder`, then publish them while record_syncs records.
+
+    Returns the published paths and the names that `folder` held at its syncs."""
+    monkeypatch.setattr(notebook, "FIGURE_DIR", folder)
+    fig, ax = notebook.plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    for name in notebook.FIGURE_NAMES:
+        notebook.save_figure(fig, name)
+    notebook.plt.close(fig)
+    synced = record_syncs(monkeypatch)
+    published = notebook.publish_figures()
+    return published, names_synced_in(synced, folder)
+
+
 def test_published_figure_names_synced(part1, tmp_path, monkeypatch):
     """FIGURE_DIR is synced once the published figures have their names there."""
-    monkeypatch.setattr(part1, "FIGURE_DIR", tmp_path)
-    fig, ax = part1.plt.subplots()
-    ax.plot([0, 1], [1, 0])
-    for name in part1.FIGURE_NAMES:
-        part1.save_figure(fig, name)
-    part1.plt.close(fig)
-    synced = record_syncs(monkeypatch)
-    published = part1.publish_figures()
-    assert {path.name for path in published} <= names_synced_in(synced, tmp_path)
+    published, synced_names = publish_recording_syncs(part1, tmp_path, monkeypatch)
+    assert {path.name for path in published} <= synced_names
 
 
 def test_interrupted_runs_figures_discarded(part1, tmp_path, monkeypatch):

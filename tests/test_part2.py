@@ -38,6 +38,7 @@ from test_part1 import (
     names_synced_in,
     opener_denying,
     opener_onto_full_disk,
+    publish_recording_syncs,
     record_syncs,
     run_in_thread,
     save_onto_full_disk,
@@ -810,15 +811,8 @@ def test_figures_published_with_results(nb, tmp_path, monkeypatch):
 
 def test_published_figure_names_synced(nb, tmp_path, monkeypatch):
     """FIGURE_DIR is synced once the published figures have their names there."""
-    monkeypatch.setattr(nb, "FIGURE_DIR", tmp_path)
-    fig, ax = nb.plt.subplots()
-    ax.plot([0, 1], [1, 0])
-    for name in nb.FIGURE_NAMES:
-        nb.save_figure(fig, name)
-    nb.plt.close(fig)
-    synced = record_syncs(monkeypatch)
-    published = nb.publish_figures()
-    assert {path.name for path in published} <= names_synced_in(synced, tmp_path)
+    published, synced_names = publish_recording_syncs(nb, tmp_path, monkeypatch)
+    assert {path.name for path in published} <= synced_names
 
 
 def test_stray_bytes_after_archive_counted(nb, tmp_path):
