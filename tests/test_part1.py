@@ -1601,7 +1601,7 @@ def test_interrupt_in_report_write_passes(part1, tmp_path):
 def record_syncs(monkeypatch):
     """Make os.fsync record what it syncs before it syncs it, and return the records in the order of the syncs.
 
-    `files` holds the inode and size of each file. `folders` holds the inode of each folder and the names in it."""
+    `files` contains the inode and size of each file, and `folders` the inode of each folder and the names in it."""
     synced = SimpleNamespace(files=[], folders=[])
     real_fsync = os.fsync
 
