@@ -1715,7 +1715,18 @@ def test_failed_folder_sync_warns(part1, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == (f"WARNING: could not sync the folder {tmp_path} after a rename into it "
                                        f"(Input/output error). Its new file is written in full, but after a power "
                                        f"cut the file that had that name before, or none, could be there in its "
-                                       f"place.\n")
+                                       f"place. This warning is not repeated for this folder.\n")
+
+
+def test_folder_sync_warning_once(part1, tmp_path, monkeypatch, capsys):
+    """A folder whose sync keeps failing is warned about at its first failure only, and another folder again."""
+    fail_folder_syncs(monkeypatch, errno.EIO)
+    (tmp_path / "other").mkdir()
+    for path in (tmp_path / "a.json", tmp_path / "b.json", tmp_path / "other" / "c.json"):
+        part1.write_report_file(path, lambda file: file.write(b"{}"))
+    warned = [line.split(" after ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert warned == [f"WARNING: could not sync the folder {tmp_path}",
+                      f"WARNING: could not sync the folder {tmp_path / 'other'}"]
 
 
 def test_failed_folder_sync_keeps_file(part1, tmp_path, monkeypatch):

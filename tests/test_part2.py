@@ -1211,7 +1211,7 @@ def test_http_error_closes_socket(nb, tmp_path, serve_folder):
 
 SHARED_DOWNLOAD_CODE = ("download_timeout", "CheckedReader", "CheckedResponse", "WebRedirects", "checked_opener",
                         "missing_folders", "remove_empty_folders", "locked_folder", "error_text", "open_new_file",
-                        "sync_file", "sync_folder")
+                        "sync_file", "unsynced_folders", "sync_folder")
 
 
 def test_download_code_same_in_notebooks(repo_root):
@@ -1221,8 +1221,11 @@ def test_download_code_same_in_notebooks(repo_root):
         for cell in nbformat.read(repo_root / notebook, as_version=4).cells:
             if cell.cell_type == "code":
                 for node in ast.parse(cell.source).body:
-                    if getattr(node, "name", None) in SHARED_DOWNLOAD_CODE:
-                        found[node.name] = ast.get_source_segment(cell.source, node)
+                    name = getattr(node, "name", None)
+                    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                        name = node.targets[0].id
+                    if name in SHARED_DOWNLOAD_CODE:
+                        found[name] = ast.get_source_segment(cell.source, node)
         return found
 
     part1_code, part2_code = definitions("part1_lstm.ipynb"), definitions(NOTEBOOK)
