@@ -1702,7 +1702,7 @@ def fail_folder_syncs(monkeypatch, code):
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
 def test_folder_without_sync_quiet(part1, tmp_path, monkeypatch, capsys, code):
-    """A file system that cannot sync a folder is passed over without a word."""
+    """A file system that cannot sync a folder is passed over, and nothing is printed."""
     fail_folder_syncs(monkeypatch, code)
     part1.write_report_file(tmp_path / "results.json", lambda file: file.write(b"{}"))
     assert capsys.readouterr().out == ""
